@@ -1,0 +1,365 @@
+"""The `brn` command line: parses options, calls the library, prints results.
+
+Logic lives in the library modules; this file only translates between them and the terminal. torch is
+imported inside the commands so that `brn --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BrnError
+
+app = typer.Typer(
+    name="brn",
+    help="Batch Renormalization for existing PyTorch BatchNorm models: inspect, convert, fine-tune, "
+    "calibrate, evaluate and export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+export_app = typer.Typer(
+    help="Export a checkpoint: ONNX (folded, verified) or a plain BatchNorm state_dict.", no_args_is_help=True
+)
+app.add_typer(export_app, name="export")
+
+# Piped output is not truncated to 80 columns: tables stay readable in logs and CI.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+DEBUG = {"on": False}
+
+# ----------------------------------------------------------------------------------------------
+# Shared options
+# ----------------------------------------------------------------------------------------------
+
+CheckpointArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint: brn checkpoint, state_dict (.pt/.pth/.bin), "
+        ".safetensors, or a pickled module (with --trust-pickle)."
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Architecture for plain state_dicts: torchvision:NAME, timm:NAME or package.module:callable.",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None,
+    typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow loading pickled Python objects (can run arbitrary code: only for files you trust).",
+    ),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="Top-level key holding the state_dict, when the "
+        "default search (state_dict, model_state_dict, model, "
+        "state_dict_ema) picks the wrong one.",
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="Sample input shape, e.g. 2,3,224,224 (default: recorded in the checkpoint or inferred).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    """'2,3,224,224' or '2x3x224x224' -> [2, 3, 224, 224]."""
+    if text is None:
+        return None
+    parts = text.replace("x", ",").replace(" ", "").strip(",").split(",")
+    try:
+        shape = [int(p) for p in parts if p]
+    except ValueError:
+        raise BrnError(f"--input-shape {text!r}: expected integers like 2,3,224,224") from None
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise BrnError(f"--input-shape {text!r}: need at least (batch, features), all positive")
+    return shape
+
+
+def load(
+    checkpoint: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool, key: str | None = None
+):
+    from .checkpoint import load_checkpoint, parse_arch_kwargs
+
+    return load_checkpoint(
+        checkpoint,
+        arch=arch,
+        arch_kwargs=parse_arch_kwargs(arch_kwargs),
+        trust_pickle=trust_pickle,
+        state_key=key,
+    )
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def human_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Global options. Add --debug anywhere to see tracebacks."""
+    if version:
+        from . import __version__
+
+        out.print(f"brn {__version__}")
+        raise typer.Exit(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect / convert
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command("inspect")
+def inspect_cmd(
+    checkpoint: CheckpointArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    input_shape: InputShapeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the normalization layers of a checkpoint: type, channels, eps, momentum, fold target, health."""
+    from .inspection import inspect_model
+
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    report = inspect_model(ckpt, parse_shape(input_shape))
+    if as_json:
+        print_json(report.to_dict())
+        return
+    out.print(
+        f"[bold]{report.path}[/bold]  format: {report.file_format}"
+        + (f"  arch: {report.arch}" if report.arch else "")
+    )
+    if report.top_level_keys:
+        out.print(f"top-level keys: {', '.join(report.top_level_keys[:12])}")
+    out.print(f"parameters: {report.parameters:,}   sample input: {report.input_shape or 'unknown'}")
+    if report.trace_error:
+        out.print(f"[yellow]graph: {report.trace_error}[/yellow]")
+    if not report.norms:
+        out.print("no normalization layers")
+        return
+    table = Table(show_lines=False)
+    for col in ("layer", "type", "C", "eps", "momentum", "fold into / why not", "running stats"):
+        table.add_column(col)
+    for n in report.norms:
+        fold = f"[green]{n.fold_into}[/green]" if n.fold_into else f"[dim]{n.fold_reason or ''}[/dim]"
+        health = n.health if n.health in ("ok", "no running stats") else f"[red]{n.health}[/red]"
+        mom = "-" if n.momentum is None else f"{n.momentum:g}"
+        table.add_row(
+            n.name,
+            n.type,
+            str(n.channels or "-"),
+            f"{n.eps:g}" if n.eps is not None else "-",
+            mom,
+            fold,
+            health,
+        )
+    out.print(table)
+    foldable = sum(1 for n in report.norms if n.fold_into)
+    unhealthy = sum(1 for n in report.norms if n.health not in ("ok", "no running stats"))
+    out.print(
+        f"{len(report.norms)} normalization layers, {foldable} foldable, "
+        f"{unhealthy} with unhealthy running statistics"
+    )
+
+
+@app.command("convert")
+def convert_cmd(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output brn checkpoint.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Only convert layers whose name matches this glob (repeatable)."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable)."),
+    ] = None,
+    momentum: Annotated[
+        float, typer.Option("--momentum", help="Moving-average rate of mu and sigma (the paper's alpha).")
+    ] = 0.01,
+    input_shape: InputShapeOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would convert; write nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Replace BatchNorm layers by Batch Renorm (eval outputs unchanged) and write a brn checkpoint."""
+    import copy
+
+    from .atomic import check_writable
+    from .checkpoint import save_brn_checkpoint
+    from .convert import convert_batchnorm, infer_input_shape, max_eval_difference, plan_conversion
+    from .errors import VerificationError
+
+    if not 0.0 < momentum <= 1.0:
+        raise BrnError(f"--momentum must be in (0, 1], got {momentum}")
+    if output is None and not dry_run:
+        raise BrnError("missing -o/--output (or pass --dry-run)")
+    if output is not None and not dry_run:
+        check_writable(output, force=force)
+    shape = parse_shape(input_shape)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    model = ckpt.model
+    decisions = plan_conversion(model, include=include, exclude=exclude)
+    converting = [d for d in decisions if d.action == "convert"]
+    result = {
+        "source": str(checkpoint),
+        "layers": [d.to_dict() for d in decisions],
+        "converted": len(converting),
+        "skipped": len(decisions) - len(converting),
+        "output": None,
+        "max_abs_diff": None,
+        "input_shape": None,
+    }
+    if not decisions:
+        raise BrnError(
+            f"{checkpoint.name}: the model has no BatchNorm layers with running statistics; "
+            "nothing to convert"
+        )
+    if not dry_run and not converting:
+        reasons = sorted({d.reason for d in decisions if d.reason})
+        raise BrnError(f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})")
+
+    if not dry_run:
+        original = copy.deepcopy(model)
+        convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude)
+        shape = shape or ckpt.input_shape or infer_input_shape(model)
+        if shape is None:
+            raise BrnError("cannot infer an input shape from the first layer; pass --input-shape")
+        try:
+            diff = max_eval_difference(original, model, shape)
+        except Exception as exc:
+            raise BrnError(
+                f"the model does not run on input shape {shape} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --input-shape"
+            ) from None
+        result.update(max_abs_diff=diff, input_shape=shape)
+        if not diff <= 1e-5:
+            raise VerificationError(
+                f"conversion changed eval outputs by {diff:.3g} (expected 0); nothing written"
+            )
+        save_brn_checkpoint(
+            model,
+            output,
+            force=force,
+            arch_spec=ckpt.arch_spec,
+            arch_kwargs=ckpt.arch_kwargs,
+            input_shape=shape,
+            source_sha256=ckpt.sha256,
+            source_name=checkpoint.name,
+            command="convert",
+        )
+        result["output"] = str(output)
+
+    if as_json:
+        print_json(result)
+        return
+    table = Table()
+    for col in ("layer", "from", "to / skipped because"):
+        table.add_column(col)
+    for d in decisions:
+        table.add_row(
+            d.name,
+            d.source_type,
+            f"[green]{d.target_type}[/green]" if d.action == "convert" else f"[yellow]{d.reason}[/yellow]",
+        )
+    out.print(table)
+    verb = "would convert" if dry_run else "converted"
+    out.print(
+        f"{verb} {len(converting)} of {len(decisions)} BatchNorm layers (momentum {momentum:g}, "
+        "rmax 1, dmax 0: unchanged until a schedule relaxes them)"
+    )
+    if not dry_run:
+        out.print(f"eval outputs on input {shape}: max |original - converted| = {result['max_abs_diff']:.3g}")
+        if ckpt.arch_spec is None:
+            out.print("[yellow]note: no --arch given, so later commands on this file need --arch[/yellow]")
+        out.print(f"wrote {output} ({human_size(Path(output).stat().st_size)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: runs the app, turning BrnError into one stderr line and a non-zero exit."""
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        DEBUG["on"] = True
+        args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="brn", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("brn: interrupted")
+        sys.exit(130)
+    except BrnError as exc:
+        if DEBUG["on"]:
+            raise
+        sys.stderr.write(f"brn: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if DEBUG["on"]:
+            raise
+        text = str(exc).strip().splitlines()
+        sys.stderr.write(
+            f"brn: error: {type(exc).__name__}: {text[0] if text else ''} "
+            "(run with --debug for the traceback)\n"
+        )
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a bad file, a wrong option, an unwritable path) is raised as
+:class:`BrnError`. The CLI prints its message as one line on stderr and exits non-zero; anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class BrnError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+    exit_code: int = 2
+
+
+class VerificationError(BrnError):
+    """An export or a check ran but its numbers are outside the tolerance."""
+
+    exit_code = 1

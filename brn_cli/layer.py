@@ -1,0 +1,554 @@
+r"""Batch Renormalization layers (Ioffe, NIPS 2017, Algorithm 1).
+
+Per channel (axis 1), statistics over every other axis, in training mode::
+
+    mu_B    = mean(x)
+    sigma_B = sqrt(eps + mean((x - mu_B)^2))        # biased, eps inside the sqrt
+    r = stop_grad(clip(sigma_B / sigma, 1/rmax, rmax))
+    d = stop_grad(clip((mu_B - mu) / sigma, -dmax, dmax))
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+    mu    <- mu    + momentum * (mu_B - mu)         # momentum is the paper's alpha
+    sigma <- sigma + momentum * (sigma_B - sigma)   # sigma is averaged, not the variance
+
+and in inference mode ``y = gamma * (x - mu) / sigma + beta``.
+
+State layout is nn.BatchNorm's (``weight, bias, running_mean, running_var, num_batches_tracked``) with
+``sigma = sqrt(running_var + eps)``; after each step ``running_var = max(sigma_new^2 - eps, 0)``. So a
+BatchNorm state_dict loads here unchanged, a renorm state_dict loads into nn.BatchNorm with the same
+inference function, and folding is exactly BatchNorm folding.
+
+Speed: with r and d constant, ``y = BN_train(x; weight=gamma*r, bias=gamma*d+beta)`` holds for the output
+and for every gradient, so the training step reuses the framework's batch-norm kernels (statistics,
+elementwise, backward) inside one autograd.Function and costs what BatchNorm costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "BatchRenormAct",
+    "BatchRenormNd",
+    "RenormTelemetry",
+    "batch_renorm",
+    "collect_telemetry",
+]
+
+# Telemetry slots, computed from per-channel vectors only (no extra pass over the activations).
+_TELEMETRY_FIELDS = ("r_clip_frac", "d_clip_frac", "mean_abs_log_r", "mean_abs_d")
+
+
+@dataclass(frozen=True)
+class RenormTelemetry:
+    """What the last training step of one layer did, from the unclipped per-channel r and d.
+
+    r_clip_frac / d_clip_frac: fraction of channels whose r (resp. d) hit its limit.
+    mean_abs_log_r / mean_abs_d: how far the batch statistics were from the moving averages.
+    """
+
+    r_clip_frac: float
+    d_clip_frac: float
+    mean_abs_log_r: float
+    mean_abs_d: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional core
+# ----------------------------------------------------------------------------------------------
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of `x`, always in float32 or wider.
+
+    Uses the kernel nn.BatchNorm uses for its own statistics (one read of `x`, any memory format).
+    """
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == stat_dtype:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    else:
+        # Half-precision input: passing fp32 running buffers selects the mixed-precision kernel, which
+        # accumulates and returns fp32 statistics. momentum=0 leaves the scratch buffers as they are.
+        c = x.shape[1]
+        scratch_mean = torch.zeros(c, device=x.device, dtype=stat_dtype)
+        scratch_var = torch.ones(c, device=x.device, dtype=stat_dtype)
+        mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
+    return mean.to(stat_dtype), var.to(stat_dtype)
+
+
+def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[Tensor, Tensor]:
+    """Combine per-rank (mean, biased var, count) into global ones with one all_reduce of sums."""
+    import torch.distributed as dist
+
+    packed = torch.cat(
+        [
+            (mean.double() * count),
+            (var.double() + mean.double() ** 2) * count,
+            torch.tensor([float(count)], device=mean.device, dtype=torch.float64),
+        ]
+    )
+    dist.all_reduce(packed, group=process_group)
+    c = mean.numel()
+    total = packed[-1]
+    g_mean = packed[:c] / total
+    g_var = (packed[c : 2 * c] / total - g_mean**2).clamp_min(0.0)
+    return g_mean.to(mean.dtype), g_var.to(var.dtype)
+
+
+class _BatchRenormFn(torch.autograd.Function):
+    """Training step of Algorithm 1 on top of the native batch-norm kernels.
+
+    forward(x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, telemetry, process_group,
+    average_stats) -> y; updates running_mean / running_var / telemetry in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+        momentum: float,
+        rmax: float,
+        dmax: float,
+        telemetry: Tensor | None,
+        process_group,
+        average_stats: bool,
+    ) -> Tensor:
+        mean_b, var_b = _batch_stats(x)
+        count = x.numel() // x.shape[1]
+        if process_group is not None and not average_stats:
+            mean_b, var_b = _sync_stats(mean_b, var_b, count, process_group)
+        stat_dtype = mean_b.dtype
+        sigma_b = torch.sqrt(var_b + eps)
+        invstd_b = torch.reciprocal(sigma_b)
+
+        with torch.no_grad():
+            mu = running_mean.to(stat_dtype)
+            sigma = torch.sqrt(running_var.to(stat_dtype) + eps)
+            r_raw = sigma_b / sigma
+            d_raw = (mean_b - mu) / sigma
+            r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
+            d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
+            gamma = weight.to(stat_dtype) if weight is not None else torch.ones_like(r)
+            beta = bias.to(stat_dtype) if bias is not None else torch.zeros_like(r)
+            w_eff = gamma * r
+            b_eff = gamma * d + beta
+
+            if telemetry is not None:
+                telemetry.copy_(
+                    torch.stack(
+                        [
+                            (r != r_raw).float().mean(),
+                            (d != d_raw).float().mean(),
+                            r_raw.log().abs().mean().float(),
+                            d_raw.abs().mean().float(),
+                        ]
+                    )
+                )
+
+            # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
+            if process_group is not None and average_stats:
+                import torch.distributed as dist
+
+                world = dist.get_world_size(process_group)
+                packed = torch.cat([mean_b, sigma_b]).double() / world
+                dist.all_reduce(packed, group=process_group)
+                upd_mean, upd_sigma = (
+                    packed[: mean_b.numel()].to(stat_dtype),
+                    packed[mean_b.numel() :].to(stat_dtype),
+                )
+            else:
+                upd_mean, upd_sigma = mean_b, sigma_b
+            new_mu = mu + momentum * (upd_mean - mu)
+            new_sigma = sigma + momentum * (upd_sigma - sigma)
+            running_mean.copy_(new_mu)
+            running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
+
+        # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
+        # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
+        y = torch.batch_norm(x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+        ctx.save_for_backward(x, w_eff, mean_b, invstd_b, r, d)
+        ctx.eps = eps
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.process_group = process_group if not average_stats else None
+        ctx.count = count
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, w_eff, mean_b, invstd_b, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        if ctx.process_group is None:
+            grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, w_eff, None, None, mean_b, invstd_b, True, ctx.eps, [need_x, True, True]
+            )
+        else:
+            grad_x, grad_w_eff, grad_b_eff = _synced_backward(
+                grad_out, x, w_eff, mean_b, invstd_b, ctx.count, ctx.process_group, need_x
+            )
+        grad_weight = grad_bias = None
+        # y = gamma * (r * xhat + d) + beta  =>  dgamma = r * sum(g*xhat) + d * sum(g),  dbeta = sum(g)
+        if ctx.has_weight and need_w:
+            grad_weight = (r * grad_w_eff.to(r.dtype) + d * grad_b_eff.to(r.dtype)).to(ctx.weight_dtype)
+        if ctx.has_bias and need_b:
+            grad_bias = grad_b_eff.to(ctx.weight_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _synced_backward(grad_out, x, w_eff, mean_b, invstd_b, count, process_group, need_x):
+    """Batch-norm backward with global statistics: all_reduce of the two per-channel sums (as SyncBN)."""
+    import torch.distributed as dist
+
+    dims = _reduce_dims(x)
+    g32 = grad_out.to(mean_b.dtype)
+    xmu = x.to(mean_b.dtype) - _channel_view(mean_b, x)
+    sum_dy = g32.sum(dims)
+    sum_dy_xmu = (g32 * xmu).sum(dims)
+    grad_w_eff = sum_dy_xmu * invstd_b  # local: DDP averages parameter gradients itself
+    grad_b_eff = sum_dy.clone()
+    grad_x = None
+    if need_x:
+        packed = torch.cat(
+            [sum_dy, sum_dy_xmu, torch.tensor([float(count)], device=x.device, dtype=sum_dy.dtype)]
+        )
+        dist.all_reduce(packed, group=process_group)
+        c = sum_dy.numel()
+        n = packed[-1]
+        mean_dy = packed[:c] / n
+        mean_dy_xmu = packed[c : 2 * c] / n
+        grad_x = (
+            g32 - _channel_view(mean_dy, x) - xmu * _channel_view(invstd_b**2 * mean_dy_xmu, x)
+        ) * _channel_view(invstd_b * w_eff, x)
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_w_eff, grad_b_eff
+
+
+def _microbatch_renorm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: float,
+    dmax: float,
+    microbatch: int,
+    telemetry: Tensor | None,
+) -> Tensor:
+    """Algorithm 1 applied to each group of `microbatch` consecutive examples (the paper's section 4.2).
+
+    Each group is normalized with its own statistics and its own r, d; the moving averages take one step
+    towards the mean of the groups' mu_B and sigma_B. Written with generic ops (autograd through mu_B and
+    sigma_B, r and d detached) since this is a study setting rather than the hot path.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if n % microbatch:
+        raise ValueError(f"batch of {n} does not split into microbatches of {microbatch}")
+    groups = n // microbatch
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    xg = x.to(stat_dtype).reshape(groups, microbatch, c, -1)
+    var_b, mean_b = torch.var_mean(xg, dim=(1, 3), unbiased=False, keepdim=True)  # [G,1,C,1]
+    sigma_b = torch.sqrt(var_b + eps)
+    mu = running_mean.to(stat_dtype).view(1, 1, c, 1)
+    sigma = torch.sqrt(running_var.to(stat_dtype) + eps).view(1, 1, c, 1)
+    with torch.no_grad():
+        r_raw = sigma_b / sigma
+        d_raw = (mean_b - mu) / sigma
+        r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
+        d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
+    y = (xg - mean_b) / sigma_b * r + d
+    if weight is not None:
+        y = y * weight.to(stat_dtype).view(1, 1, c, 1)
+    if bias is not None:
+        y = y + bias.to(stat_dtype).view(1, 1, c, 1)
+    with torch.no_grad():
+        if telemetry is not None:
+            telemetry.copy_(
+                torch.stack(
+                    [
+                        (r != r_raw).float().mean(),
+                        (d != d_raw).float().mean(),
+                        r_raw.log().abs().mean().float(),
+                        d_raw.abs().mean().float(),
+                    ]
+                )
+            )
+        new_mu = running_mean.to(stat_dtype) + momentum * (
+            mean_b.mean(0).flatten() - running_mean.to(stat_dtype)
+        )
+        sig = sigma.flatten()
+        new_sigma = sig + momentum * (sigma_b.mean(0).flatten() - sig)
+        running_mean.copy_(new_mu)
+        running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    rmax: float = 1.0,
+    dmax: float = 0.0,
+    microbatch: int | None = None,
+    telemetry: Tensor | None = None,
+    process_group=None,
+    average_stats: bool = False,
+) -> Tensor:
+    """Functional Batch Renormalization (see the module docstring for the math).
+
+    In training mode `running_mean` and `running_var` are updated in place (var = sigma^2 - eps layout).
+    `telemetry`, if given, is a float tensor of 4 slots filled with (r clip fraction, d clip fraction,
+    mean |log r|, mean |d|). `process_group` makes the batch statistics global over the group
+    (`average_stats=False`) or keeps them per rank and averages only the moving-average update
+    (`average_stats=True`).
+    """
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if rmax < 1.0:
+        raise ValueError(f"rmax must be >= 1, got {rmax}")
+    if dmax < 0.0:
+        raise ValueError(f"dmax must be >= 0, got {dmax}")
+    if x.shape[0] * (x.numel() // max(x.shape[0] * x.shape[1], 1)) <= 1 and process_group is None:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+        )
+    if microbatch is not None and microbatch < x.shape[0]:
+        return _microbatch_renorm(
+            x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, microbatch, telemetry
+        )
+    return _BatchRenormFn.apply(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+        momentum,
+        float(rmax),
+        float(dmax),
+        telemetry,
+        process_group,
+        average_stats,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchRenormNd(nn.Module):
+    """Batch Renormalization over channel axis 1, with nn.BatchNorm's state layout.
+
+    Args:
+        num_features: C, the channel count.
+        eps: added to the variance inside the sqrt (as nn.BatchNorm).
+        momentum: rate of the moving averages of mu and sigma (the paper's alpha; PyTorch convention,
+            new = old + momentum * (batch - old)). The paper uses 0.01.
+        rmax, dmax: clipping limits for r in [1/rmax, rmax] and d in [-dmax, dmax]. Plain attributes, read
+            at every training step, so a schedule can change them between steps. ``float('inf')`` means no
+            clipping; rmax=1, dmax=0 is exactly BatchNorm.
+        affine: learnable gamma (weight) and beta (bias).
+
+    Attributes beyond nn.BatchNorm's: ``microbatch`` (normalize groups of that many examples separately in
+    training), ``process_group`` / ``average_stats`` (distributed statistics), and ``telemetry`` (read it with
+    :meth:`last_telemetry`).
+    """
+
+    _version = 2
+    _expected_dim: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        rmax: float = 1.0,
+        dmax: float = 0.0,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.rmax = rmax
+        self.dmax = dmax
+        self.affine = affine
+        self.track_running_stats = True  # renorm needs them; kept for code that checks nn.BatchNorm's API
+        self.microbatch: int | None = None
+        self.process_group = None
+        self.average_stats = False
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer(
+            "num_batches_tracked",
+            torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+        )
+        # Telemetry is scratch, not state: kept out of the state_dict.
+        self.register_buffer("telemetry", torch.full((4,), float("nan")), persistent=False)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    @property
+    def running_sigma(self) -> Tensor:
+        """sigma = sqrt(running_var + eps), the moving standard deviation of Algorithm 1."""
+        return torch.sqrt(self.running_var + self.eps)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2 or (self._expected_dim and x.dim() not in self._expected_dim):
+            wanted = " or ".join(map(str, self._expected_dim)) or ">= 2"
+            raise ValueError(f"{type(self).__name__} expects {wanted}D input, got {x.dim()}D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return batch_renorm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            rmax=self.rmax,
+            dmax=self.dmax,
+            microbatch=self.microbatch,
+            telemetry=self.telemetry if self.training else None,
+            process_group=self.process_group,
+            average_stats=self.average_stats,
+        )
+
+    def last_telemetry(self) -> RenormTelemetry | None:
+        """Telemetry of the last training forward, or None before the first one."""
+        values = self.telemetry.tolist()
+        if any(math.isnan(v) for v in values):
+            return None
+        return RenormTelemetry(*values)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, rmax={self.rmax}, "
+            f"dmax={self.dmax}, affine={self.affine}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Old BatchNorm checkpoints (version < 2) have no num_batches_tracked, as nn.BatchNorm allows.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class BatchRenormAct(BatchRenormNd):
+    """Batch Renormalization followed by dropout and an activation, as timm's BatchNormAct2d.
+
+    The converted form of norms that carry their activation: ``act(drop(renorm(x)))``. `drop` and `act`
+    are the original module's children, so the state_dict keys do not move.
+    """
+
+    def __init__(
+        self, num_features: int, *args, drop: nn.Module | None = None, act: nn.Module | None = None, **kwargs
+    ) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class BatchRenorm1d(BatchRenormNd):
+    """Batch Renormalization over (N, C) or (N, C, L) input. See :class:`BatchRenormNd`."""
+
+    _expected_dim = (2, 3)
+
+
+class BatchRenorm2d(BatchRenormNd):
+    """Batch Renormalization over (N, C, H, W) input. See :class:`BatchRenormNd`."""
+
+    _expected_dim = (4,)
+
+
+class BatchRenorm3d(BatchRenormNd):
+    """Batch Renormalization over (N, C, D, H, W) input. See :class:`BatchRenormNd`."""
+
+    _expected_dim = (5,)
+
+
+def collect_telemetry(model: nn.Module) -> dict[str, float]:
+    """Average the last-step telemetry over every renorm layer of `model` (one host sync).
+
+    Returns {} when no renorm layer has run a training step yet.
+    """
+    rows = [m.telemetry for m in model.modules() if isinstance(m, BatchRenormNd)]
+    if not rows:
+        return {}
+    stacked = torch.stack([t.to("cpu", non_blocking=True) for t in rows])
+    valid = stacked[~torch.isnan(stacked).any(dim=1)]
+    if valid.numel() == 0:
+        return {}
+    return dict(zip(_TELEMETRY_FIELDS, valid.mean(0).tolist(), strict=True))
