@@ -1,0 +1,590 @@
+"""Datasets and batch composition for fine-tuning, evaluation and calibration.
+
+Data specs (:func:`load_data`):
+  * an ``.npz`` with ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``. uint8 images become
+    float32 in [0, 1] (/255); float arrays are used as they are. Layout NCHW, NHWC (detected when the last
+    axis has 1, 3 or 4 entries and axis 1 does not), N x H x W (one channel added) or flat N x F features;
+  * an ImageFolder-layout directory with ``train/`` and ``val/`` subfolders (torchvision ImageFolder,
+    ToTensor);
+  * ``package.module:callable`` returning ``(train_dataset, val_dataset)`` (val may be None).
+
+``--normalize MEAN,STD`` (or M1,M2,M3,S1,S2,S3 per channel) maps x -> (x - mean) / std after the [0, 1]
+scaling. ``--val-split F`` holds out a seeded, stratified fraction F of train when there is no validation
+set.
+
+Batch composition follows the paper's section 4.3 (:class:`LabelBatchSampler`): ``iid`` is a seeded
+permutation per epoch; ``grouped:K`` builds each batch from batch/K distinct labels with K examples each,
+the non-i.i.d. minibatches under which batchnorm's train/inference gap shows and Batch Renorm removes it.
+Each step draws one GLOBAL batch (batch_size x num_replicas) and rank r takes its slice, so the data order
+depends only on the seed, the epoch and the global batch size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from .errors import BrnError
+
+__all__ = [
+    "ArrayDataset",
+    "DataBundle",
+    "LabelBatchSampler",
+    "dataset_labels",
+    "eval_loader",
+    "load_data",
+    "make_loader",
+    "parse_normalize",
+    "parse_sampler",
+    "set_microbatch",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+class ArrayDataset(Dataset):
+    """In-memory (x, y) pairs: x float32 [N, ...], y int64 [N]. Items are (x[i], int(y[i]))."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        if len(x) != len(y):
+            raise BrnError(f"x has {len(x)} examples but y has {len(y)}")
+        self.x = x
+        self.y = y
+        self.targets = y  # as torchvision datasets: lets dataset_labels() skip a pass over the data
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.x[index], int(self.y[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
+        # DataLoader's batched fetch: one gather instead of len(indices) indexing calls.
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        xs, ys = self.x.index_select(0, idx), self.y.index_select(0, idx).tolist()
+        return list(zip(xs, ys, strict=True))
+
+
+class _ArrayBatches(Dataset):
+    """ArrayDataset indexed by a whole list of indices: one gather per batch, no per-example collate."""
+
+    def __init__(self, base: ArrayDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        # index_select, not x[idx]: advanced indexing is ~1000x slower on a loaded multi-threaded CPU.
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.base.x.index_select(0, idx), self.base.y.index_select(0, idx)
+
+
+class _Normalized(Dataset):
+    """A view of a dataset whose x is mapped to (x - mean) / std per channel (axis 0 of one example)."""
+
+    def __init__(self, base: Dataset, mean: Tensor, std: Tensor) -> None:
+        self.base = base
+        self.mean = mean
+        self.std = std
+        if hasattr(base, "targets"):
+            self.targets = base.targets
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x, y = self.base[index]
+        x = torch.as_tensor(x, dtype=torch.float32)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return (x - self.mean.view(shape)) / self.std.view(shape), int(y)
+
+
+class _Subset(Dataset):
+    """Subset that keeps `targets` (torch's Subset does not)."""
+
+    def __init__(self, base: Dataset, indices: Tensor, labels: Tensor) -> None:
+        self.base = base
+        self.indices = indices.tolist()
+        self.targets = labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+
+@dataclass
+class DataBundle:
+    """Training and validation data with their labels, as the commands consume them."""
+
+    train: Dataset  # items: (x: float32 tensor, y: int)
+    val: Dataset | None
+    train_labels: Tensor  # int64 [len(train)]
+    val_labels: Tensor | None
+    num_classes: int
+    sample_shape: tuple[int, ...]  # shape of one x, e.g. (1, 28, 28) or (64,)
+    description: str  # one line for logs
+
+
+def dataset_labels(dataset: Dataset, what: str = "dataset") -> Tensor:
+    """int64 labels of every example: from `.targets` when present, else one pass over the items."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        labels = torch.as_tensor(np.asarray(targets))
+    else:
+        labels = torch.as_tensor([_label_of(dataset[i], what) for i in range(len(dataset))])  # type: ignore[arg-type]
+    return _check_labels(labels, what)
+
+
+def _label_of(item: Any, what: str) -> int:
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise BrnError(f"{what}: items must be (x, label) pairs, got {type(item).__name__}")
+    return int(item[1])
+
+
+def _check_labels(labels: Tensor, what: str) -> Tensor:
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 1:
+        raise BrnError(f"{what}: labels must be one class index per example, got shape {list(labels.shape)}")
+    if labels.is_floating_point():
+        if not bool(torch.isfinite(labels).all()) or not bool((labels == labels.round()).all()):
+            raise BrnError(f"{what}: labels must be whole class indices")
+    elif labels.dtype == torch.bool or labels.is_complex():
+        raise BrnError(f"{what}: labels must be integer class indices, got {labels.dtype}")
+    labels = labels.to(torch.int64)
+    if labels.numel() and int(labels.min()) < 0:
+        raise BrnError(f"{what}: label {int(labels.min())} out of range (labels must be >= 0)")
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_normalize(text: str | None) -> tuple[Tensor, Tensor] | None:
+    """'MEAN,STD' or 'M1,..,Mc,S1,..,Sc' -> (mean [c], std [c]); None passes through."""
+    if text is None or not text.strip():
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise BrnError(f"--normalize {text!r}: expected numbers MEAN,STD or M1,M2,M3,S1,S2,S3") from None
+    if len(values) < 2 or len(values) % 2:
+        raise BrnError(f"--normalize {text!r}: expected MEAN,STD or one mean and one std per channel")
+    c = len(values) // 2
+    mean, std = torch.tensor(values[:c]), torch.tensor(values[c:])
+    if (
+        not bool(torch.isfinite(mean).all())
+        or not bool((std > 0).all())
+        or not bool(torch.isfinite(std).all())
+    ):
+        raise BrnError(f"--normalize {text!r}: means must be finite and stds positive")
+    return mean, std
+
+
+def _to_float_images(x: np.ndarray, what: str) -> Tensor:
+    """uint8 -> /255 float32; float -> float32; NHWC -> NCHW; N x H x W -> N x 1 x H x W."""
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(x).to(torch.float32).div_(255.0)
+    elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
+    else:
+        raise BrnError(f"{what}: unsupported dtype {x.dtype} (expected uint8 or float)")
+    if t.dim() < 2:
+        raise BrnError(f"{what}: expected N x features or N x C x H x W, got shape {list(x.shape)}")
+    if t.dim() == 3:  # N x H x W grayscale
+        t = t.unsqueeze(1)
+    elif t.dim() == 4 and t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3, 4):
+        t = t.permute(0, 3, 1, 2)
+    t = t.contiguous()
+    if x.dtype != np.uint8 and not bool(torch.isfinite(t).all()):
+        raise BrnError(f"{what}: contains NaN or infinite values")
+    return t
+
+
+def _normalize_tensor(x: Tensor, norm: tuple[Tensor, Tensor] | None, what: str) -> Tensor:
+    if norm is None:
+        return x
+    mean, std = norm
+    channels = x.shape[1]
+    if mean.numel() not in (1, channels):
+        raise BrnError(f"--normalize gives {mean.numel()} channel values but {what} has {channels} channels")
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - mean.view(shape)) / std.view(shape)
+
+
+def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, val): about `fraction` of each class to val, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_val = int(round(len(idx) * fraction))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def _check_split(val_split: float | None) -> None:
+    if val_split is not None and not 0.0 < val_split < 1.0:
+        raise BrnError(f"--val-split must be a fraction in (0, 1), got {val_split}")
+
+
+def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundle:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BrnError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+    with arrays:
+        names = set(arrays.files)
+        missing = [k for k in ("x_train", "y_train") if k not in names]
+        if missing:
+            raise BrnError(f"{path.name} has no {' or '.join(missing)} (arrays: {', '.join(sorted(names))})")
+        if ("x_val" in names) != ("y_val" in names):
+            raise BrnError(f"{path.name}: x_val and y_val must come together")
+        try:
+            raw = {k: arrays[k] for k in ("x_train", "y_train", "x_val", "y_val") if k in names}
+        except ValueError as exc:  # object arrays need pickle: refused
+            raise BrnError(f"{path.name}: {str(exc).splitlines()[0][:200]}") from None
+    has_val = "x_val" in raw
+    if has_val and val_split is not None:
+        raise BrnError(f"{path.name} has x_val/y_val already; drop --val-split")
+    x_train = _to_float_images(raw["x_train"], "x_train")
+    y_train = _check_labels(torch.from_numpy(np.asarray(raw["y_train"])), "y_train")
+    if len(x_train) != len(y_train):
+        raise BrnError(f"{path.name}: x_train has {len(x_train)} examples but y_train has {len(y_train)}")
+    if len(x_train) == 0:
+        raise BrnError(f"{path.name}: the training set is empty")
+    x_train = _normalize_tensor(x_train, norm, "x_train")
+    if has_val:
+        x_val = _normalize_tensor(_to_float_images(raw["x_val"], "x_val"), norm, "x_val")
+        y_val = _check_labels(torch.from_numpy(np.asarray(raw["y_val"])), "y_val")
+        if len(x_val) != len(y_val):
+            raise BrnError(f"{path.name}: x_val has {len(x_val)} examples but y_val has {len(y_val)}")
+        if len(x_val) == 0:
+            raise BrnError(f"{path.name}: the validation set is empty")
+        if x_val.shape[1:] != x_train.shape[1:]:
+            raise BrnError(
+                f"{path.name}: x_val examples have shape {list(x_val.shape[1:])}, "
+                f"x_train {list(x_train.shape[1:])}"
+            )
+    elif val_split is not None:
+        tr, va = _stratified_split(y_train, val_split, seed)
+        if len(tr) == 0 or len(va) == 0:
+            raise BrnError(f"--val-split {val_split} leaves an empty train or validation set")
+        x_val, y_val = x_train.index_select(0, va), y_train.index_select(0, va)
+        x_train, y_train = x_train.index_select(0, tr), y_train.index_select(0, tr)
+    else:
+        x_val = y_val = None
+    num_classes = _num_classes(y_train, y_val)
+    train = ArrayDataset(x_train, y_train)
+    val = ArrayDataset(x_val, y_val) if x_val is not None else None
+    desc = f"{path.name}: {len(train)} train" + (f" / {len(val)} val" if val is not None else "")
+    desc += f", {num_classes} classes, x {list(x_train.shape[1:])}"
+    return DataBundle(train, val, y_train, y_val, num_classes, tuple(x_train.shape[1:]), desc)
+
+
+def _num_classes(y_train: Tensor, y_val: Tensor | None) -> int:
+    num_classes = int(y_train.max()) + 1
+    if y_val is not None and len(y_val) and int(y_val.max()) >= num_classes:
+        raise BrnError(
+            f"validation label {int(y_val.max())} out of range: training labels span 0..{num_classes - 1}"
+        )
+    return num_classes
+
+
+def _first_x_shape(dataset: Dataset, what: str) -> tuple[int, ...]:
+    item = dataset[0]
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise BrnError(f"{what}: items must be (x, label) pairs, got {type(item).__name__}")
+    return tuple(torch.as_tensor(item[0]).shape)
+
+
+def _wrap_datasets(
+    train: Dataset, val: Dataset | None, val_split: float | None, norm, seed: int, source: str
+) -> DataBundle:
+    if len(train) == 0:  # type: ignore[arg-type]
+        raise BrnError(f"{source}: the training set is empty")
+    if val is not None and len(val) == 0:  # type: ignore[arg-type]
+        raise BrnError(f"{source}: the validation set is empty")
+    y_train = dataset_labels(train, "training set")
+    if len(y_train) != len(train):  # type: ignore[arg-type]
+        raise BrnError(f"{source}: {len(train)} training examples but {len(y_train)} labels")  # type: ignore[arg-type]
+    y_val = dataset_labels(val, "validation set") if val is not None else None
+    if val is not None and val_split is not None:
+        raise BrnError(f"{source} has a validation set already; drop --val-split")
+    if val is None and val_split is not None:
+        tr, va = _stratified_split(y_train, val_split, seed)
+        if len(tr) == 0 or len(va) == 0:
+            raise BrnError(f"--val-split {val_split} leaves an empty train or validation set")
+        train, val, y_train, y_val = (
+            _Subset(train, tr, y_train[tr]),
+            _Subset(train, va, y_train[va]),
+            y_train[tr],
+            y_train[va],
+        )
+    num_classes = _num_classes(y_train, y_val)
+    shape = _first_x_shape(train, source)
+    if norm is not None:
+        channels = shape[0] if shape else 1
+        if norm[0].numel() not in (1, channels):
+            raise BrnError(f"--normalize gives {norm[0].numel()} channel values but the data has {channels}")
+        train = _Normalized(train, *norm)
+        val = _Normalized(val, *norm) if val is not None else None
+    desc = f"{source}: {len(train)} train" + (f" / {len(val)} val" if val is not None else "")  # type: ignore[arg-type]
+    desc += f", {num_classes} classes, x {list(shape)}"
+    return DataBundle(train, val, y_train, y_val, num_classes, shape, desc)
+
+
+def _load_image_folder(path: Path, val_split: float | None, norm, seed: int) -> DataBundle:
+    try:
+        from torchvision import datasets, transforms
+    except ImportError:
+        raise BrnError("an ImageFolder data directory needs torchvision installed") from None
+    train_dir, val_dir = path / "train", path / "val"
+    if not train_dir.is_dir():
+        raise BrnError(f"{path}: an ImageFolder data directory needs a train/ subfolder (and val/)")
+    steps: list[Any] = [transforms.ToTensor()]
+    if norm is not None:
+        steps.append(transforms.Normalize(norm[0].tolist(), norm[1].tolist()))
+    tf = transforms.Compose(steps)
+    try:
+        train = datasets.ImageFolder(str(train_dir), transform=tf)
+        val = datasets.ImageFolder(str(val_dir), transform=tf) if val_dir.is_dir() else None
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise BrnError(f"{path}: {str(exc).splitlines()[0][:200]}") from None
+    if val is not None and val.classes != train.classes:
+        raise BrnError(f"{path}: train/ and val/ have different class folders")
+    # Normalization is in the transform already.
+    return _wrap_datasets(train, val, val_split, None, seed, path.name)
+
+
+def _load_callable(spec: str, val_split: float | None, norm, seed: int) -> DataBundle:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BrnError(f"--data {spec}: cannot import {module_name!r} ({exc})") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise BrnError(f"--data {spec}: {module_name} has no callable {attr!r}")
+    result = factory()
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise BrnError(f"--data {spec} must return (train_dataset, val_dataset), got {type(result).__name__}")
+    train, val = result
+    return _wrap_datasets(train, val, val_split, norm, seed, spec)
+
+
+def load_data(
+    spec: str | os.PathLike, *, val_split: float | None = None, normalize: str | None = None, seed: int = 0
+) -> DataBundle:
+    """Load a data spec (see the module docstring) into a :class:`DataBundle`. Bad input -> BrnError."""
+    _check_split(val_split)
+    norm = parse_normalize(normalize)
+    text = str(spec)
+    path = Path(text)
+    if path.suffix == ".npz" or (path.is_file() and not path.is_dir()):
+        if not path.exists():
+            raise BrnError(f"--data {text}: no such file")
+        return _load_npz(path, val_split, norm, seed)
+    if path.is_dir():
+        return _load_image_folder(path, val_split, norm, seed)
+    if ":" in text and not path.exists():
+        return _load_callable(text, val_split, norm, seed)
+    raise BrnError(
+        f"--data {text}: not an .npz file, a directory with train/ and val/, or package.module:callable"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch composition
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_sampler(text: str) -> str:
+    """'iid' or 'grouped:K' (K >= 1) -> the normalized text; anything else -> BrnError."""
+    t = text.strip().lower()
+    if t == "iid":
+        return "iid"
+    if t.startswith("grouped:"):
+        k_text = t.split(":", 1)[1]
+        try:
+            k = int(k_text)
+        except ValueError:
+            k = 0
+        if k >= 1 and k_text.isdigit():
+            return f"grouped:{k}"
+        raise BrnError(f"--sampler {text!r}: K in grouped:K must be a whole number >= 1")
+    raise BrnError(f"--sampler {text!r}: expected iid or grouped:K (K examples per label in each batch)")
+
+
+class LabelBatchSampler(Sampler[list[int]]):
+    """Yields one list of dataset indices per optimizer step, for this rank.
+
+    Each step draws a GLOBAL batch of batch_size * num_replicas examples and rank r takes
+    ``[r*batch_size:(r+1)*batch_size]``, so the data order depends only on (seed, epoch, global batch) and
+    the ranks' slices partition the global batch.
+
+    mode ``iid``: a seeded permutation per epoch cut into consecutive global batches (no example twice in
+    an epoch, the ragged tail dropped). mode ``grouped:K`` (the paper's section 4.3): each global batch is
+    global_batch / K labels drawn uniformly without replacement, with K distinct examples of each, groups
+    contiguous (so each rank's slice holds whole groups). Examples of a class are taken from a per-class
+    shuffled pool that is refilled when fewer than K remain, so an epoch covers the data roughly evenly.
+    Batches per epoch: len(labels) // global batch.
+    """
+
+    def __init__(
+        self,
+        labels: Tensor,
+        batch_size: int,
+        mode: str = "iid",
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.mode = parse_sampler(mode)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+        if self.batch_size < 1:
+            raise BrnError(f"--batch-size must be >= 1, got {batch_size}")
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise BrnError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        n = len(self.labels)
+        if n == 0:
+            raise BrnError("the dataset is empty")
+        self.global_batch = self.batch_size * self.num_replicas
+        if self.global_batch > n:
+            raise BrnError(
+                f"batch larger than the data: a global batch of {self.global_batch} from {n} examples"
+            )
+        self.k = int(self.mode.split(":")[1]) if self.mode.startswith("grouped:") else 0
+        if self.k:
+            if self.batch_size % self.k:
+                raise BrnError(
+                    f"--batch-size {self.batch_size} is not a multiple of K={self.k} ({self.mode})"
+                )
+            counts = torch.bincount(self.labels)
+            present = torch.nonzero(counts).flatten()
+            small = [int(c) for c in present if int(counts[c]) < self.k]
+            if small:
+                raise BrnError(
+                    f"{self.mode}: class {small[0]} has only {int(counts[small[0]])} examples, fewer than K={self.k}"
+                    + (f" ({len(small)} such classes)" if len(small) > 1 else "")
+                )
+            self.groups = self.global_batch // self.k
+            if self.groups > len(present):
+                raise BrnError(
+                    f"{self.mode}: a global batch of {self.global_batch} needs {self.groups} distinct labels "
+                    f"but the data has {len(present)}"
+                )
+            self._classes = present
+            self._members = [torch.nonzero(self.labels == c).flatten() for c in present.tolist()]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed for `epoch` (as DistributedSampler): call before iterating each epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.global_batch
+
+    def _global_batches(self) -> Iterator[Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n_batches = len(self)
+        if not self.k:
+            perm = torch.randperm(len(self.labels), generator=gen)
+            for b in range(n_batches):
+                yield perm[b * self.global_batch : (b + 1) * self.global_batch]
+            return
+        pools = [m[torch.randperm(len(m), generator=gen)] for m in self._members]
+        cursor = [0] * len(pools)
+        for _ in range(n_batches):
+            chosen = torch.randperm(len(pools), generator=gen)[: self.groups].tolist()
+            parts = []
+            for c in chosen:
+                if cursor[c] + self.k > len(pools[c]):  # refill: K distinct examples from a fresh shuffle
+                    pools[c] = self._members[c][torch.randperm(len(self._members[c]), generator=gen)]
+                    cursor[c] = 0
+                parts.append(pools[c][cursor[c] : cursor[c] + self.k])
+                cursor[c] += self.k
+            yield torch.cat(parts)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for batch in self._global_batches():
+            yield batch[lo:hi].tolist()
+
+
+def make_loader(
+    dataset: Dataset, batch_sampler: Sampler[list[int]], *, num_workers: int = 0, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """DataLoader over `dataset` with one index list per batch from `batch_sampler`.
+
+    Batches are (x float32 [B, ...], y int64 [B]). In-memory data is gathered one batch at a time.
+    """
+    if isinstance(dataset, ArrayDataset):
+        # batch_size=None: the sampler's index lists go to _ArrayBatches whole (one gather per batch).
+        return torch.utils.data.DataLoader(
+            _ArrayBatches(dataset),
+            sampler=batch_sampler,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory
+    )
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Every example once, in order (the last batch may be smaller): for inference-mode evaluation."""
+    if batch_size < 1:
+        raise BrnError(f"--batch-size must be >= 1, got {batch_size}")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise BrnError("the dataset is empty")
+    if isinstance(dataset, ArrayDataset):
+        chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        return torch.utils.data.DataLoader(
+            _ArrayBatches(dataset), sampler=chunks, batch_size=None, num_workers=num_workers
+        )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def set_microbatch(model: torch.nn.Module, k: int | None) -> int:
+    """Set ``microbatch = k`` on every BatchRenormNd of `model` (None: normalize the whole batch).
+
+    Plain nn.BatchNorm layers cannot normalize microbatches: convert them first (convert_batchnorm with
+    rmax=1, dmax=0 is the same function as BatchNorm). Returns the number of layers set.
+    """
+    from .layer import BatchRenormNd
+
+    if k is not None and int(k) < 1:
+        raise BrnError(f"--microbatch must be >= 1, got {k}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BatchRenormNd):
+            module.microbatch = None if k is None else int(k)
+            count += 1
+    return count
