@@ -110,11 +110,33 @@ def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[T
     return g_mean.to(mean.dtype), g_var.to(var.dtype)
 
 
+def _telemetry_values(r_raw: Tensor, d_raw: Tensor, rmax: float, dmax: float) -> Tensor:
+    """(r clip fraction, d clip fraction, mean |log r|, mean |d|) from the unclipped per-channel r, d.
+
+    A value is clipped exactly when it lies outside [1/rmax, rmax] (resp. [-dmax, dmax]); with an infinite
+    limit nothing is. Per-channel vectors only: no pass over the activations.
+    """
+    r_raw, d_raw = r_raw.detach().float(), d_raw.detach().float()
+    return torch.stack(
+        [
+            ((r_raw > rmax) | (r_raw < 1.0 / rmax)).float().mean(),
+            (d_raw.abs() > dmax).float().mean(),
+            r_raw.log().abs().mean(),
+            d_raw.abs().mean(),
+        ]
+    )
+
+
 class _BatchRenormFn(torch.autograd.Function):
     """Training step of Algorithm 1 on top of the native batch-norm kernels.
 
-    forward(x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, telemetry, process_group,
-    average_stats) -> y; updates running_mean / running_var / telemetry in place.
+    forward(x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, sink, process_group,
+    average_stats) -> y; updates running_mean / running_var in place and, if `sink` is a list, puts the
+    unclipped per-channel (r, d) in it for telemetry (computed later, only if someone reads it).
+
+    Per-channel work is a short chain of small ops on C-vectors; the two passes over the activations are
+    BatchNorm's own kernels (statistics, then the inference-mode elementwise kernel), and backward is
+    BatchNorm's backward kernel. Autograd already runs this under no_grad.
     """
 
     @staticmethod
@@ -129,7 +151,7 @@ class _BatchRenormFn(torch.autograd.Function):
         momentum: float,
         rmax: float,
         dmax: float,
-        telemetry: Tensor | None,
+        sink: list | None,
         process_group,
         average_stats: bool,
     ) -> Tensor:
@@ -141,47 +163,43 @@ class _BatchRenormFn(torch.autograd.Function):
         sigma_b = torch.sqrt(var_b + eps)
         invstd_b = torch.reciprocal(sigma_b)
 
-        with torch.no_grad():
-            mu = running_mean.to(stat_dtype)
-            sigma = torch.sqrt(running_var.to(stat_dtype) + eps)
-            r_raw = sigma_b / sigma
-            d_raw = (mean_b - mu) / sigma
-            r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
-            d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
-            gamma = weight.to(stat_dtype) if weight is not None else torch.ones_like(r)
-            beta = bias.to(stat_dtype) if bias is not None else torch.zeros_like(r)
+        mu = running_mean if running_mean.dtype == stat_dtype else running_mean.to(stat_dtype)
+        sigma = (running_var.to(stat_dtype) + eps).sqrt_()
+        r_raw = sigma_b / sigma
+        d_raw = (mean_b - mu).div_(sigma)
+        r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
+        d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
+        if weight is not None:
+            gamma = weight.to(stat_dtype)
             w_eff = gamma * r
-            b_eff = gamma * d + beta
+            b_eff = torch.addcmul(bias.to(stat_dtype), gamma, d) if bias is not None else gamma * d
+        else:
+            w_eff = r
+            b_eff = d if bias is None else d + bias.to(stat_dtype)
+        if sink is not None:
+            sink[:] = [r_raw, d_raw]
 
-            if telemetry is not None:
-                telemetry.copy_(
-                    torch.stack(
-                        [
-                            (r != r_raw).float().mean(),
-                            (d != d_raw).float().mean(),
-                            r_raw.log().abs().mean().float(),
-                            d_raw.abs().mean().float(),
-                        ]
-                    )
-                )
+        # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
+        if process_group is not None and average_stats:
+            import torch.distributed as dist
 
-            # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
-            if process_group is not None and average_stats:
-                import torch.distributed as dist
-
-                world = dist.get_world_size(process_group)
-                packed = torch.cat([mean_b, sigma_b]).double() / world
-                dist.all_reduce(packed, group=process_group)
-                upd_mean, upd_sigma = (
-                    packed[: mean_b.numel()].to(stat_dtype),
-                    packed[mean_b.numel() :].to(stat_dtype),
-                )
-            else:
-                upd_mean, upd_sigma = mean_b, sigma_b
-            new_mu = mu + momentum * (upd_mean - mu)
-            new_sigma = sigma + momentum * (upd_sigma - sigma)
-            running_mean.copy_(new_mu)
-            running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
+            world = dist.get_world_size(process_group)
+            packed = torch.cat([mean_b, sigma_b]).double() / world
+            dist.all_reduce(packed, group=process_group)
+            upd_mean, upd_sigma = (
+                packed[: mean_b.numel()].to(stat_dtype),
+                packed[mean_b.numel() :].to(stat_dtype),
+            )
+        else:
+            upd_mean, upd_sigma = mean_b, sigma_b
+        # lerp(a, b, w) = a + w * (b - a): the update of Algorithm 1 in one op per vector.
+        new_sigma = torch.lerp(sigma, upd_sigma, momentum)
+        if running_mean.dtype == stat_dtype:
+            running_mean.lerp_(upd_mean, momentum)
+        else:
+            running_mean.copy_(torch.lerp(mu, upd_mean, momentum))
+        # var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by rounding).
+        running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
 
         # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
         # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
@@ -212,7 +230,8 @@ class _BatchRenormFn(torch.autograd.Function):
         grad_weight = grad_bias = None
         # y = gamma * (r * xhat + d) + beta  =>  dgamma = r * sum(g*xhat) + d * sum(g),  dbeta = sum(g)
         if ctx.has_weight and need_w:
-            grad_weight = (r * grad_w_eff.to(r.dtype) + d * grad_b_eff.to(r.dtype)).to(ctx.weight_dtype)
+            gw, gb = grad_w_eff.to(r.dtype), grad_b_eff.to(r.dtype)
+            grad_weight = torch.addcmul(d * gb, r, gw).to(ctx.weight_dtype)
         if ctx.has_bias and need_b:
             grad_bias = grad_b_eff.to(ctx.weight_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
@@ -265,7 +284,7 @@ def _microbatch_renorm(
     rmax: float,
     dmax: float,
     microbatch: int,
-    telemetry: Tensor | None,
+    sink: list | None,
 ) -> Tensor:
     """Algorithm 1 applied to each group of `microbatch` consecutive examples (the paper's section 4.2).
 
@@ -294,17 +313,8 @@ def _microbatch_renorm(
     if bias is not None:
         y = y + bias.to(stat_dtype).view(1, 1, c, 1)
     with torch.no_grad():
-        if telemetry is not None:
-            telemetry.copy_(
-                torch.stack(
-                    [
-                        (r != r_raw).float().mean(),
-                        (d != d_raw).float().mean(),
-                        r_raw.log().abs().mean().float(),
-                        d_raw.abs().mean().float(),
-                    ]
-                )
-            )
+        if sink is not None:
+            sink[:] = [r_raw.flatten(), d_raw.flatten()]
         new_mu = running_mean.to(stat_dtype) + momentum * (
             mean_b.mean(0).flatten() - running_mean.to(stat_dtype)
         )
@@ -342,6 +352,43 @@ def batch_renorm(
     """
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    sink: list | None = [] if telemetry is not None else None
+    y = _batch_renorm_train(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        rmax,
+        dmax,
+        microbatch,
+        sink,
+        process_group,
+        average_stats,
+    )
+    if telemetry is not None:
+        telemetry.copy_(_telemetry_values(*sink, rmax, dmax))
+    return y
+
+
+def _batch_renorm_train(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    rmax: float,
+    dmax: float,
+    microbatch: int | None,
+    sink: list | None,
+    process_group,
+    average_stats: bool,
+) -> Tensor:
+    """The training step; `sink`, if a list, receives the unclipped per-channel (r, d)."""
     if rmax < 1.0:
         raise ValueError(f"rmax must be >= 1, got {rmax}")
     if dmax < 0.0:
@@ -352,7 +399,7 @@ def batch_renorm(
         )
     if microbatch is not None and microbatch < x.shape[0]:
         return _microbatch_renorm(
-            x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, microbatch, telemetry
+            x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, microbatch, sink
         )
     return _BatchRenormFn.apply(
         x,
@@ -364,7 +411,7 @@ def batch_renorm(
         momentum,
         float(rmax),
         float(dmax),
-        telemetry,
+        sink,
         process_group,
         average_stats,
     )
@@ -389,8 +436,9 @@ class BatchRenormNd(nn.Module):
         affine: learnable gamma (weight) and beta (bias).
 
     Attributes beyond nn.BatchNorm's: ``microbatch`` (normalize groups of that many examples separately in
-    training), ``process_group`` / ``average_stats`` (distributed statistics), and ``telemetry`` (read it with
-    :meth:`last_telemetry`).
+    training), ``process_group`` / ``average_stats`` (distributed statistics), and ``telemetry`` (the last
+    training step's 4 numbers as a tensor; :meth:`last_telemetry` gives them as a dataclass). Telemetry is
+    computed from the step's per-channel r and d only when read, so a training step pays nothing for it.
     """
 
     _version = 2
@@ -431,8 +479,10 @@ class BatchRenormNd(nn.Module):
             "num_batches_tracked",
             torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
         )
-        # Telemetry is scratch, not state: kept out of the state_dict.
-        self.register_buffer("telemetry", torch.full((4,), float("nan")), persistent=False)
+        # Telemetry is scratch, not state: kept out of the state_dict. The step leaves its unclipped r, d
+        # and limits in _pending_telemetry; the 4 numbers are computed from them when first read.
+        self.register_buffer("_telemetry", torch.full((4,), float("nan")), persistent=False)
+        self._pending_telemetry: tuple[Tensor, Tensor, float, float] | None = None
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -458,24 +508,41 @@ class BatchRenormNd(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return batch_renorm(
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        self.num_batches_tracked.add_(1)
+        rmax, dmax = float(self.rmax), float(self.dmax)  # read now: a schedule may change them between steps
+        sink: list = []
+        y = _batch_renorm_train(
             x,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
-            training=self.training,
-            momentum=self.momentum,
-            eps=self.eps,
-            rmax=self.rmax,
-            dmax=self.dmax,
-            microbatch=self.microbatch,
-            telemetry=self.telemetry if self.training else None,
-            process_group=self.process_group,
-            average_stats=self.average_stats,
+            self.momentum,
+            self.eps,
+            rmax,
+            dmax,
+            self.microbatch,
+            sink,
+            self.process_group,
+            self.average_stats,
         )
+        self._pending_telemetry = (sink[0], sink[1], rmax, dmax)
+        return y
+
+    @property
+    def telemetry(self) -> Tensor:
+        """The last training step's (r clip fraction, d clip fraction, mean |log r|, mean |d|); NaN before
+        the first step. A tensor on the layer's device: reading it does not synchronise."""
+        pending = self._pending_telemetry
+        if pending is not None:
+            self._pending_telemetry = None
+            with torch.no_grad():
+                self._telemetry.copy_(_telemetry_values(*pending))
+        return self._telemetry
 
     def last_telemetry(self) -> RenormTelemetry | None:
         """Telemetry of the last training forward, or None before the first one."""
@@ -547,7 +614,8 @@ def collect_telemetry(model: nn.Module) -> dict[str, float]:
     rows = [m.telemetry for m in model.modules() if isinstance(m, BatchRenormNd)]
     if not rows:
         return {}
-    stacked = torch.stack([t.to("cpu", non_blocking=True) for t in rows])
+    devices = {t.device for t in rows}
+    stacked = torch.stack(rows if len(devices) == 1 else [t.cpu() for t in rows]).cpu()  # the one sync
     valid = stacked[~torch.isnan(stacked).any(dim=1)]
     if valid.numel() == 0:
         return {}
