@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .errors import BrnError
 from .evaluate import is_norm_layer, progress_bar
 
-__all__ = ["LayerShift", "calibrate", "norm_layers"]
+__all__ = ["LayerShift", "calibrate", "calibrate_data", "norm_layers"]
 
 
 @dataclass
@@ -215,3 +215,39 @@ def _apply(name: str, module: nn.Module, moments: _Moments) -> LayerShift:
         channels=int(mean.numel()),
         examples=moments.examples,
     )
+
+
+def calibrate_data(
+    model: nn.Module,
+    bundle: Any,
+    *,
+    num_batches: int,
+    batch_size: int = 64,
+    split: str = "train",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[list[LayerShift], int]:
+    """Calibrate on `num_batches` i.i.d. batches of a DataBundle's train (or val) split.
+
+    Returns (shifts, batches used): when the split holds fewer full batches, all of them are used.
+    """
+    from .data import LabelBatchSampler, make_loader
+
+    if split not in ("train", "val"):
+        raise BrnError(f"--split must be train or val, got {split!r}")
+    dataset, labels = (
+        (bundle.train, bundle.train_labels) if split == "train" else (bundle.val, bundle.val_labels)
+    )
+    if dataset is None:
+        raise BrnError(
+            "the data has no validation split: add x_val/y_val, a val/ folder, or pass --val-split"
+        )
+    if num_batches < 1:
+        raise BrnError(f"--batches must be >= 1, got {num_batches}")
+    sampler = LabelBatchSampler(labels, batch_size, "iid", seed=seed)  # same batches on every pass
+    used = min(num_batches, len(sampler))
+    shifts = calibrate(
+        model, make_loader(dataset, sampler), num_batches=used, device=device, progress=progress
+    )
+    return shifts, used

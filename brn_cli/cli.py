@@ -327,10 +327,238 @@ def convert_cmd(
 
 # ----------------------------------------------------------------------------------------------
 # schedule / evaluate / calibrate (issue 3; data, schedule, calibrate modules)
+# INTERFACE_CONTRACT_BELOW = docs/issue3-interface.md (the API B1 implements and B2 consumes)
 # ----------------------------------------------------------------------------------------------
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Data: .npz (x_train, y_train[, x_val, y_val]), a folder with train/ and val/, "
+        "or package.module:callable returning (train, val).",
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option("--val-split", help="Hold out this fraction of train when there is no val set."),
+]
+NormalizeOpt = Annotated[
+    str | None, typer.Option("--normalize", help="MEAN,STD (or M1,M2,M3,S1,S2,S3) applied after /255.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the batch order and of --val-split.")]
+
+
+@app.command("schedule")
+def schedule_cmd(
+    spec: Annotated[
+        str,
+        typer.Argument(help="STEP:VALUE,... (steps may use k/M), a constant, or paper | paper-scaled | off."),
+    ],
+    steps: Annotated[int, typer.Option("--steps", help="Run length in optimizer steps.")],
+    kind: Annotated[str, typer.Option("--kind", help="rmax or dmax, for a custom spec.")] = "rmax",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also write the curves as a PNG.")] = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Preview an rmax/dmax schedule: values at key steps, optionally a PNG plot."""
+    from .atomic import check_writable
+    from .schedule import PRESETS, parse_schedule, plot_schedules, preset_schedules, schedule_table
+
+    if steps < 1:
+        raise BrnError(f"--steps must be >= 1, got {steps}")
+    if kind not in ("rmax", "dmax"):
+        raise BrnError(f"--kind must be rmax or dmax, got {kind!r}")
+    if plot is not None:
+        check_writable(plot, force=force)
+    if spec.strip().lower() in PRESETS:
+        schedules = list(preset_schedules(spec, total_steps=steps))
+    else:
+        schedules = [parse_schedule(spec, kind=kind, total_steps=steps)]
+    rows = schedule_table(schedules, steps)
+    if plot is not None:
+        plot_schedules(schedules, steps, plot, force=force)
+    if as_json:
+        print_json(
+            {
+                "spec": spec,
+                "steps": steps,
+                "schedules": [s.to_dict() for s in schedules],
+                "table": rows,
+                "plot": str(plot) if plot else None,
+            }
+        )
+        return
+    table = Table()
+    table.add_column("step", justify="right")
+    for s in schedules:
+        table.add_column(s.kind, justify="right")
+    for row in rows:
+        table.add_row(f"{row['step']:,}", *(f"{row[s.kind]:.4g}" for s in schedules))
+    out.print(table)
+    for s in schedules:
+        knots = ", ".join(f"{k:,}:{v:g}" for k, v in s.knots)
+        out.print(f"{s.kind}: {s.spec or 'custom'} -> knots {knots}")
+    if plot is not None:
+        out.print(f"wrote {plot}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: CheckpointArg,
+    data: DataOpt,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 256,
+    batch_stats: Annotated[
+        bool,
+        typer.Option("--batch-stats", help="Also score with minibatch statistics (the train/inference gap)."),
+    ] = False,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="Batches for --batch-stats: iid or grouped:K (K per label).")
+    ] = "iid",
+    device: DeviceOpt = "auto",
+    val_split: ValSplitOpt = None,
+    normalize: NormalizeOpt = None,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Inference-mode loss and accuracy on the validation split (and with --batch-stats, minibatch-stats)."""
+    from .data import load_data, parse_sampler
+    from .evaluate import evaluate_data, resolve_device
+
+    sampler = parse_sampler(sampler)
+    dev = resolve_device(device)
+    bundle = load_data(data, val_split=val_split, normalize=normalize, seed=seed)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    result = evaluate_data(
+        ckpt.model,
+        bundle,
+        batch_size=batch_size,
+        batch_stats=batch_stats,
+        sampler=sampler,
+        seed=seed,
+        device=dev,
+        progress=not as_json,
+    )
+    result.update(checkpoint=str(checkpoint), data=bundle.description, device=str(dev))
+    if as_json:
+        print_json(result)
+        return
+    out.print(f"[bold]{checkpoint}[/bold]  on {bundle.description}")
+    table = Table()
+    for col in ("mode", "batches", "examples", "loss", "accuracy"):
+        table.add_column(col, justify="right" if col != "mode" else "left")
+    inf = result["inference"]
+    table.add_row(
+        "inference (moving averages)",
+        str(inf["batches"]),
+        str(inf["examples"]),
+        f"{inf['loss']:.4f}",
+        f"{100 * inf['accuracy']:.2f}%",
+    )
+    bs = result["batch_stats"]
+    if bs is not None:
+        table.add_row(
+            f"minibatch statistics ({bs['sampler']}, batch {bs['batch_size']})",
+            str(bs["batches"]),
+            str(bs["examples"]),
+            f"{bs['loss']:.4f}",
+            f"{100 * bs['accuracy']:.2f}%",
+        )
+    out.print(table)
+    if bs is not None:
+        out.print(
+            f"train/inference gap: minibatch-stats minus inference accuracy = "
+            f"{100 * result['gap']:+.2f} points"
+        )
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    checkpoint: CheckpointArg,
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output brn checkpoint.")],
+    batches: Annotated[int, typer.Option("--batches", help="Batches to average over (exactly).")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 64,
+    split: Annotated[str, typer.Option("--split", help="train or val.")] = "train",
+    device: DeviceOpt = "auto",
+    val_split: ValSplitOpt = None,
+    normalize: NormalizeOpt = None,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Re-estimate every norm layer's mu and sigma exactly over N batches; write a new brn checkpoint."""
+    from .atomic import check_writable
+    from .calibrate import calibrate_data
+    from .checkpoint import save_brn_checkpoint
+    from .convert import infer_input_shape
+    from .data import load_data
+    from .evaluate import resolve_device
+
+    check_writable(output, force=force)
+    dev = resolve_device(device)
+    bundle = load_data(data, val_split=val_split, normalize=normalize, seed=seed)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    shifts, used = calibrate_data(
+        ckpt.model,
+        bundle,
+        num_batches=batches,
+        batch_size=batch_size,
+        split=split,
+        seed=seed,
+        device=dev,
+        progress=not as_json,
+    )
+    model = ckpt.model.cpu()
+    shape = ckpt.input_shape or infer_input_shape(model)
+    save_brn_checkpoint(
+        model,
+        output,
+        force=force,
+        arch_spec=ckpt.arch_spec,
+        arch_kwargs=ckpt.arch_kwargs,
+        input_shape=shape,
+        source_sha256=ckpt.sha256,
+        source_name=checkpoint.name,
+        command="calibrate",
+    )
+    result = {
+        "source": str(checkpoint),
+        "output": str(output),
+        "data": bundle.description,
+        "split": split,
+        "batches": used,
+        "batches_requested": batches,
+        "batch_size": batch_size,
+        "layers": [s.to_dict() for s in shifts],
+    }
+    if as_json:
+        print_json(result)
+        return
+    table = Table()
+    for col in ("layer", "C", "max |mu shift|", "sigma new/old (min..max)"):
+        table.add_column(col)
+    for s in shifts:
+        table.add_row(
+            s.name, str(s.channels), f"{s.mean_shift:.4g}", f"{s.min_sigma_ratio:.4f}..{s.sigma_ratio:.4f}"
+        )
+    out.print(table)
+    note = f" (only {used} full batches of {batch_size} in the {split} split)" if used < batches else ""
+    out.print(f"calibrated {len(shifts)} layers over {used} batches x {batch_size} examples{note}")
+    if ckpt.arch_spec is None:
+        out.print("[yellow]note: no --arch given, so later commands on this file need --arch[/yellow]")
+    out.print(f"wrote {output} ({human_size(Path(output).stat().st_size)})")
+
 
 # ----------------------------------------------------------------------------------------------
-# finetune (issue 3; finetune module)
+# finetune (issue 3; finetune module). Interface: docs/issue3-interface.md
 # ----------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------

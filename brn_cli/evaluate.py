@@ -25,7 +25,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BrnError
 
-__all__ = ["EvalResult", "batch_statistics_mode", "evaluate", "is_norm_layer", "model_logits"]
+__all__ = [
+    "EvalResult",
+    "batch_statistics_mode",
+    "evaluate",
+    "evaluate_data",
+    "is_norm_layer",
+    "model_logits",
+    "resolve_device",
+]
 
 
 @dataclass
@@ -197,3 +205,56 @@ def evaluate(
     if examples == 0:
         raise BrnError("no examples to evaluate: the data is empty")
     return EvalResult(total_loss / examples, correct / examples, examples, mode, batches)
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """'auto' (CUDA when available, else CPU), or any torch device string; BrnError when unusable."""
+    if text in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise BrnError(f"--device {text!r} is not a device (try cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BrnError(f"--device {text}: CUDA is not available on this machine")
+    return dev
+
+
+def evaluate_data(
+    model: nn.Module,
+    bundle: Any,
+    *,
+    batch_size: int = 256,
+    batch_stats: bool = False,
+    sampler: str = "iid",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate on a DataBundle's validation split: inference mode, plus batch-stats mode when asked.
+
+    Inference mode visits every validation example once. Batch-statistics batches are built like training
+    batches (`sampler`: iid or grouped:K, full batches only, since a short batch would give noisier
+    statistics), as the paper evaluated with test minibatches composed like the training ones.
+    Returns {"inference": EvalResult dict, "batch_stats": EvalResult dict | None, "gap": accuracy
+    difference batch-stats minus inference | None}.
+    """
+    from .data import LabelBatchSampler, eval_loader, make_loader, parse_sampler
+
+    if bundle.val is None:
+        raise BrnError(
+            "the data has no validation split: add x_val/y_val, a val/ folder, or pass --val-split"
+        )
+    sampler = parse_sampler(sampler)
+    batch_sampler = None
+    if batch_stats:  # check the batch composition before the (longer) inference pass
+        batch_sampler = LabelBatchSampler(bundle.val_labels, batch_size, sampler, seed=seed)
+    inference = evaluate(model, eval_loader(bundle.val, batch_size), device=device, progress=progress)
+    result: dict[str, Any] = {"inference": inference.to_dict(), "batch_stats": None, "gap": None}
+    if batch_sampler is not None:
+        stats = evaluate(
+            model, make_loader(bundle.val, batch_sampler), device=device, batch_stats=True, progress=progress
+        )
+        result["batch_stats"] = {**stats.to_dict(), "sampler": sampler, "batch_size": batch_size}
+        result["gap"] = stats.accuracy - inference.accuracy
+    return result
