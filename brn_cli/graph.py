@@ -115,7 +115,17 @@ def find_fold_sites(
     output features (a 2-D output). Raises :class:`TraceError` when the model cannot be traced.
     """
     gm = gm if gm is not None else trace(model)
-    if example_inputs is not None:
+    # Shapes only matter for Linear producers; skip the (full forward) propagation when there are none.
+    feeds_from_linear = any(
+        n.op == "call_module"
+        and is_norm_with_stats(gm.get_submodule(n.target))
+        and n.args
+        and isinstance(n.args[0], fx.Node)
+        and n.args[0].op == "call_module"
+        and isinstance(gm.get_submodule(n.args[0].target), nn.Linear)
+        for n in gm.graph.nodes
+    )
+    if example_inputs is not None and feeds_from_linear:
         from torch.fx.passes.shape_prop import ShapeProp
 
         was_training = gm.training
