@@ -24,6 +24,7 @@ elementwise, backward) inside one autograd.Function and costs what BatchNorm cos
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -285,11 +286,13 @@ def _microbatch_renorm(
     dmax: float,
     microbatch: int,
     sink: list | None,
+    process_group=None,
 ) -> Tensor:
     """Algorithm 1 applied to each group of `microbatch` consecutive examples (the paper's section 4.2).
 
     Each group is normalized with its own statistics and its own r, d; the moving averages take one step
-    towards the mean of the groups' mu_B and sigma_B. Written with generic ops (autograd through mu_B and
+    towards the mean of the groups' mu_B and sigma_B (over every rank's groups when `process_group` is
+    given, so the moving averages stay identical on all ranks). Written with generic ops (autograd through mu_B and
     sigma_B, r and d detached) since this is a study setting rather than the hot path.
     """
     n, c = x.shape[0], x.shape[1]
@@ -315,11 +318,16 @@ def _microbatch_renorm(
     with torch.no_grad():
         if sink is not None:
             sink[:] = [r_raw.flatten(), d_raw.flatten()]
-        new_mu = running_mean.to(stat_dtype) + momentum * (
-            mean_b.mean(0).flatten() - running_mean.to(stat_dtype)
-        )
+        upd_mean, upd_sigma = mean_b.mean(0).flatten(), sigma_b.mean(0).flatten()
+        if process_group is not None:
+            import torch.distributed as dist
+
+            packed = torch.cat([upd_mean, upd_sigma]).double() / dist.get_world_size(process_group)
+            dist.all_reduce(packed, group=process_group)
+            upd_mean, upd_sigma = packed[:c].to(stat_dtype), packed[c:].to(stat_dtype)
+        new_mu = running_mean.to(stat_dtype) + momentum * (upd_mean - running_mean.to(stat_dtype))
         sig = sigma.flatten()
-        new_sigma = sig + momentum * (sigma_b.mean(0).flatten() - sig)
+        new_sigma = sig + momentum * (upd_sigma - sig)
         running_mean.copy_(new_mu)
         running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
     return y.reshape(x.shape).to(x.dtype)
@@ -399,7 +407,18 @@ def _batch_renorm_train(
         )
     if microbatch is not None and microbatch < x.shape[0]:
         return _microbatch_renorm(
-            x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, microbatch, sink
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps,
+            momentum,
+            rmax,
+            dmax,
+            microbatch,
+            sink,
+            process_group,
         )
     return _BatchRenormFn.apply(
         x,
@@ -495,6 +514,15 @@ class BatchRenormNd(nn.Module):
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
+
+    def __deepcopy__(self, memo: dict) -> BatchRenormNd:
+        # A process group is a communicator handle, not state, and cannot be copied: copies share it.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def running_sigma(self) -> Tensor:

@@ -1,0 +1,281 @@
+"""Distributed renorm (issue 6): 2 gloo processes on CPU against single-process references.
+
+One torch.multiprocessing.spawn runs every layer-level check (a spawn costs a few seconds of imports):
+- global stats, 2 ranks x B/2 == one process with batch B (parameters and buffers after several SGD steps);
+- local stats, 2 ranks x B/2 == one process with microbatch B/2 (the same math: each half normalized on its
+  own, moving averages stepped towards the mean of the halves), and buffers bitwise equal on both ranks;
+- the buffer check catches a perturbed buffer; plain BatchNorm buffers are averaged; a rendezvous that can
+  never complete and a rank that dies both end in one clear BrnError.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from brn_cli.errors import BrnError
+from brn_cli.layer import BatchRenorm1d, BatchRenorm2d, BatchRenormNd
+
+B = 8  # global batch; each of the 2 ranks gets B // 2
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        BatchRenorm2d(4, momentum=0.1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+        BatchRenorm1d(6, momentum=0.1),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    )
+    for m in model.modules():
+        if isinstance(m, BatchRenormNd):
+            # Tight limits so that r and d are actually clipped in some channels.
+            m.rmax, m.dmax = 1.5, 0.5
+    return model
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(B, 3, 5, 5, generator=g) * 2.0 + 0.7
+    y = torch.randint(0, 3, (B,), generator=g)
+    return x, y
+
+
+def _train(model: nn.Module, rows: slice, steps: int = STEPS) -> list[float]:
+    """SGD on rows `rows` of each global batch; returns the clip fractions seen (to prove r/d clipped)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clips = []
+    for step in range(steps):
+        x, y = _batch(step)
+        loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        inner = model.module if hasattr(model, "module") else model
+        tele = [m.last_telemetry() for m in inner.modules() if isinstance(m, BatchRenormNd)]
+        clips.append(max(t.r_clip_frac + t.d_clip_frac for t in tele if t is not None))
+    return clips
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    inner = model.module if hasattr(model, "module") else model
+    return {k: v.detach().clone() for k, v in inner.state_dict().items()}
+
+
+def _worker(rank: int, out_dir: str, bad_port: int, port: int) -> None:
+    from brn_cli import distributed as D
+
+    torch.set_num_threads(1)
+    out: dict = {}
+    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="3", RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["MASTER_PORT"] = str(bad_port)
+    # A rendezvous that cannot complete (3 ranks expected, 2 come) must end with one clear error.
+    try:
+        D.init_distributed("cpu", timeout_s=2)
+        out["rdzv_error"] = None
+    except BrnError as exc:
+        out["rdzv_error"] = str(exc)
+
+    os.environ.update(WORLD_SIZE="2", MASTER_PORT=str(port))
+    ctx = D.init_distributed("cpu", timeout_s=20)
+    out["ctx"] = (ctx.rank, ctx.world_size, ctx.backend, ctx.device)
+    rows = slice(rank * (B // 2), (rank + 1) * (B // 2))
+
+    for mode in ("global", "local"):
+        model = _make_model()
+        report = D.configure_stats_sync(model, mode, ctx)
+        out[f"{mode}_renorm_layers"] = report.renorm_layers
+        ddp = D.wrap_model(model, ctx)
+        out[f"{mode}_clips"] = _train(ddp, rows)
+        out[f"{mode}_state"] = _state(ddp)
+        out[f"{mode}_diffs"] = D.buffer_differences(ddp, ctx, parameters=True)
+        out[f"{mode}_check"] = D.check_buffers_equal(ddp, ctx)
+        out[f"{mode}_deepcopy"] = copy.deepcopy(model).training  # a synced model must still deep-copy
+
+    # Microbatches (section 4.2) under DDP: each rank's groups are local, the moving-average step is shared.
+    model = _make_model()
+    D.configure_stats_sync(model, "global", ctx)
+    for m in model.modules():
+        if isinstance(m, BatchRenormNd):
+            m.microbatch = 2
+    ddp = D.wrap_model(model, ctx)
+    _train(ddp, rows, steps=2)
+    out["microbatch_diffs"] = D.buffer_differences(ddp, ctx)
+
+    # Consistency check: perturb one buffer on rank 1 -> every rank refuses.
+    model = _make_model()
+    D.configure_stats_sync(model, "local", ctx)
+    if rank == 1:
+        with torch.no_grad():
+            model[1].running_mean[2] += 1e-3
+    try:
+        D.check_buffers_equal(model, ctx)
+        out["perturbed_error"] = None
+    except BrnError as exc:
+        out["perturbed_error"] = str(exc)
+
+    # Plain BatchNorm left unconverted normalizes per rank on CPU; its buffers get averaged.
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    rep = D.configure_stats_sync(plain, "global", ctx)
+    out["plain_local"] = rep.local_batchnorm
+    with torch.no_grad():
+        plain[1].running_mean.fill_(float(rank))
+    out["plain_averaged"] = D.average_batchnorm_buffers(plain, ctx)
+    out["plain_mean"] = plain[1].running_mean.clone()
+
+    # Metrics collectives.
+    out["sum"] = ctx.sum([1.0, float(rank)])
+    out["bcast"] = ctx.broadcast_object({"from": rank})
+
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    ctx.barrier()
+    # A rank that dies: rank 1 leaves (exit code 0, so spawn does not kill rank 0 first).
+    if rank == 1:
+        sys.stdout.flush()
+        os._exit(0)
+    try:
+        with D.peer_failures(ctx, last_checkpoint="run/last.pt"):
+            ctx.sum([1.0])
+            ctx.sum([1.0])
+        dead = None
+    except BrnError as exc:
+        dead = str(exc)
+    torch.save(dead, Path(out_dir) / "dead.pt")
+    os._exit(0)  # skip destroy_process_group, whose peer is gone
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[dict, dict, str | None]:
+    out_dir = tmp_path_factory.mktemp("dist")
+    ctx = mp.start_processes(
+        _worker, args=(str(out_dir), _free_port(), _free_port()), nprocs=2, join=False, start_method="spawn"
+    )
+    # Bounded wait: never leave processes behind.
+    deadline_s = 90
+    import time
+
+    start = time.monotonic()
+    while not ctx.join(timeout=1):
+        if time.monotonic() - start > deadline_s:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail("distributed workers did not finish in time")
+    r0 = torch.load(out_dir / "rank0.pt", weights_only=False)
+    r1 = torch.load(out_dir / "rank1.pt", weights_only=False)
+    dead = torch.load(out_dir / "dead.pt", weights_only=False)
+    return r0, r1, dead
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_process_group_setup(ranks):
+    r0, r1, _ = ranks
+    assert r0["ctx"] == (0, 2, "gloo", "cpu")
+    assert r1["ctx"] == (1, 2, "gloo", "cpu")
+    assert r0["global_renorm_layers"] == 2
+    assert r0["sum"] == [2.0, 1.0] == r1["sum"]
+    assert r1["bcast"] == {"from": 0}
+
+
+def test_global_matches_single_process_with_full_batch(ranks):
+    r0, r1, _ = ranks
+    ref = _make_model()
+    clips = _train(ref, slice(0, B))
+    assert max(clips) > 0, "the test must exercise clipped r/d"
+    assert max(r0["global_clips"]) > 0
+    ref_state = _state(ref)
+    # Both ranks hold the single-process model with the full batch, parameters and buffers.
+    assert _max_diff(r0["global_state"], ref_state) < 1e-5
+    assert _max_diff(r1["global_state"], ref_state) < 1e-5
+    # Moving averages moved away from their initial (0, 1), so the comparison is not vacuous.
+    assert ref_state["1.running_mean"].abs().max() > 0.05
+    assert max(r0["global_diffs"].values()) == 0.0
+    assert r0["global_check"] == 0.0
+    assert r0["global_deepcopy"] is True
+
+
+def test_local_keeps_buffers_identical_and_matches_microbatch_reference(ranks):
+    r0, r1, _ = ranks
+    # Bitwise identical buffers (and parameters) on both ranks.
+    assert max(r0["local_diffs"].values()) == 0.0
+    assert _max_diff(r0["local_state"], r1["local_state"]) == 0.0
+    # Same math in one process: each half of the batch normalized on its own (microbatch = B/2),
+    # moving averages stepped towards the mean over halves of mu_B and sigma_B.
+    ref = _make_model()
+    for m in ref.modules():
+        if isinstance(m, BatchRenormNd):
+            m.microbatch = B // 2
+    _train(ref, slice(0, B))
+    assert _max_diff(r0["local_state"], _state(ref)) < 1e-5
+    # ... and it is not the global computation.
+    assert _max_diff(r0["local_state"], r0["global_state"]) > 1e-4
+
+
+def test_microbatch_under_ddp_keeps_buffers_identical(ranks):
+    r0, _, _ = ranks
+    assert "1.running_mean" in r0["microbatch_diffs"]
+    assert max(r0["microbatch_diffs"].values()) == 0.0
+
+
+def test_buffer_check_catches_divergence(ranks):
+    r0, r1, _ = ranks
+    for r in (r0, r1):
+        assert r["perturbed_error"] is not None
+        assert "1.running_mean" in r["perturbed_error"] and "differ across ranks" in r["perturbed_error"]
+
+
+def test_plain_batchnorm_buffers_averaged(ranks):
+    r0, r1, _ = ranks
+    assert r0["plain_local"] == ["1"]
+    assert r0["plain_averaged"] == 1
+    assert torch.equal(r0["plain_mean"], torch.full((4,), 0.5))
+    assert torch.equal(r1["plain_mean"], r0["plain_mean"])
+
+
+def test_failures_end_with_one_clear_message(ranks):
+    r0, r1, dead = ranks
+    for r in (r0, r1):
+        assert r["rdzv_error"] is not None and "could not join the 3-process group" in r["rdzv_error"]
+    assert dead is not None
+    assert "lost contact with another rank" in dead and "run/last.pt" in dead
+    assert "pair.cc" not in dead and "\n" not in dead  # the backend's reason, without its source location
+
+
+def test_single_process_context_is_a_no_op(monkeypatch):
+    from brn_cli import distributed as D
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = D.init_distributed("cpu")
+    assert not ctx.distributed and ctx.is_main
+    model = _make_model()
+    assert D.wrap_model(model, ctx) is model
+    assert D.configure_stats_sync(model, "global", ctx).renorm_layers == 2
+    assert all(m.process_group is None for m in model.modules() if isinstance(m, BatchRenormNd))
+    assert ctx.sum([1.5]) == [1.5]
+    with pytest.raises(BrnError, match="--stats-sync"):
+        D.parse_stats_sync("sometimes")
+    with pytest.raises(BrnError, match="--nproc"):
+        D.torchrun_command(0, ["brn_cli"])
