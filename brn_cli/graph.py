@@ -69,12 +69,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace `model` with :class:`LeafTracer`; raises :class:`TraceError` naming the failing module."""
     tracer = LeafTracer()
     stack: list[str] = []
+    failed_in: list[str] = []  # innermost module an exception passed through (the stack unwinds by then)
     original_call_module = tracer.call_module
 
     def call_module(m, forward, args, kwargs):
         stack.append(tracer.path_of_module(m))
         try:
             return original_call_module(m, forward, args, kwargs)
+        except Exception:
+            if not failed_in:
+                failed_in.append(stack[-1])
+            raise
         finally:
             stack.pop()
 
@@ -82,7 +87,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:
-        where = stack[-1] if stack else None
+        where = failed_in[0] if failed_in else None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         location = f" in module {where!r}" if where else ""
         raise TraceError(f"torch.fx could not trace the model{location}: {text}", module=where) from exc
