@@ -1,0 +1,827 @@
+"""`brn finetune`: fine-tune a (converted) BatchNorm model with Batch Renormalization.
+
+One training loop, readable top to bottom in :func:`run_finetune`. Each iteration is one optimizer step:
+
+    batch  = sampler(seed, epoch)[batch_index]          # data order: a pure function of (seed, epoch, index)
+    loss   = cross_entropy(model(x), y)                 # renorm layers use r, d clipped at rmax(step), dmax(step)
+    step  += 1; lr, rmax, dmax <- schedules(step)       # every schedule is a function of the optimizer step
+
+Why it is written this way:
+
+* Batch composition (the paper's section 4). ``--sampler grouped:K`` draws batches of batch/K labels with K
+  examples each (non-i.i.d., as in section 4.3); ``--microbatch K`` normalizes groups of K consecutive
+  examples separately while the gradient is taken over the whole batch (section 4.2). Under such batches the
+  minibatch statistics differ systematically from the population's, BatchNorm's training function drifts
+  away from its inference function, and inference accuracy collapses; Batch Renorm trains the function it
+  will use at inference (r, d correct the minibatch statistics towards the moving averages).
+* Exact resume. Everything that decides the trajectory is either a pure function of the step (lr, rmax,
+  dmax, the data order) or saved in ``last.pt``: weights and running statistics, optimizer state, GradScaler
+  state, the RNG states (torch CPU/CUDA, numpy, python ``random``), the sampler position (epoch, batch index)
+  and the running sums of the current logging window. A run killed with SIGKILL and resumed from its last
+  ``--save-every`` checkpoint ends with bit-identical weights (CPU). ``metrics.jsonl`` is truncated to the
+  checkpoint's step on resume, so it reads as if the run had never stopped.
+* Device handling lives in :class:`_Runtime` (device, rank, world size, "is main process"). Logging,
+  metrics and checkpoint writing happen on the main process only; the sampler takes ``num_replicas`` and
+  ``rank``; so distributed training is a local change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BrnError
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneInterrupted",
+    "FinetuneResult",
+    "OPTIMIZERS",
+    "LR_SCHEDULES",
+    "RESUME_OVERRIDABLE",
+    "lr_at",
+    "resolve_device",
+    "run_finetune",
+]
+
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+AMP_MODES = ("off", "bf16", "fp16")
+PRESET_SCHEDULES = ("paper", "paper-scaled", "off")
+# Options that may differ on --resume: they change where and how often things happen, not the trajectory.
+RESUME_OVERRIDABLE = ("device", "num_workers", "save_every", "eval_every", "force", "resume", "output")
+SGD_MOMENTUM = 0.9  # optimizer momentum; `momentum` in the config is the rate of the moving statistics
+
+LAST, BEST, METRICS, CONFIG, CURVES = "last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png"
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of `brn finetune`; JSON-serialisable (written to RUNDIR/config.json)."""
+
+    checkpoint: str
+    data: str
+    output: str
+    arch: str | None = None
+    arch_kwargs: dict | None = None
+    trust_pickle: bool = False
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    momentum: float = 0.01
+    rmax_schedule: str = "paper-scaled"
+    dmax_schedule: str | None = None  # None: the same preset as rmax_schedule when that is a preset
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    microbatch: int | None = None
+    sampler: str = "iid"
+    val_split: float | None = None
+    normalize: str | None = None
+    device: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = 0
+    force: bool = False
+    resume: str | None = None
+    # Extensions beyond the issue-3 contract:
+    log_every: int = 10  # steps between train-metric records (and progress-line updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. `final` / `best`: {"step", "train_loss", "train_accuracy", "val_loss", ...}."""
+
+    run_dir: str
+    steps: int
+    final: dict
+    best: dict
+    metrics_path: str
+    resumed_from: int | None = None
+    device: str = "cpu"
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+
+class FinetuneInterrupted(BrnError):
+    """SIGINT / SIGTERM arrived: last.pt was saved; exit code 130 / 143 as a shell would report."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+        self.signum = int(signum)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: device and process identity in one place (distributed training extends this)
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; CUDA asked for but absent -> BrnError."""
+    import torch
+
+    text = (spec or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise BrnError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        index = text.partition(":")[2]
+        if index:
+            if not index.isdigit():
+                raise BrnError(f"--device {spec}: expected cuda:N with N a GPU index")
+            if int(index) >= torch.cuda.device_count():
+                raise BrnError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device(text)
+    raise BrnError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class _Runtime:
+    """Where this process trains and who it is. Single process: rank 0 of 1."""
+
+    device: Any
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def wrap(self, model):
+        """The module the training forward goes through (a DDP wrapper would go here)."""
+        return model
+
+
+def _make_runtime(config: FinetuneConfig) -> _Runtime:
+    import torch
+
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return _Runtime(device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure pieces: learning rate, options, RNG state, metrics file
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_at(
+    step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine"
+) -> float:
+    """Learning rate for the update that turns step `step` into step+1 (a pure function of the step).
+
+    Warm-up: linear from base/warmup to base over the first `warmup_steps` updates. Then
+    cosine: base * (1 + cos(pi * t)) / 2, linear: base * (1 - t), constant: base, with t the fraction of
+    the remaining updates already done (t = 0 at the first post-warm-up update).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if kind == "constant":
+        return base_lr
+    span = max(total_steps - warmup_steps, 1)
+    t = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    if kind == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if kind == "linear":
+        return base_lr * (1.0 - t)
+    raise BrnError(f"--lr-schedule {kind!r}: expected one of {', '.join(LR_SCHEDULES)}")
+
+
+def _validate(config: FinetuneConfig) -> None:
+    """Reject bad options with one clear line before any work is done."""
+    if config.steps is None and config.epochs is None:
+        raise BrnError("say how long to train: --steps N or --epochs E")
+    if config.steps is not None and config.epochs is not None:
+        raise BrnError("give --steps or --epochs, not both")
+    if config.steps is not None and config.steps < 1:
+        raise BrnError(f"--steps must be >= 1, got {config.steps}")
+    if config.epochs is not None and not config.epochs > 0:
+        raise BrnError(f"--epochs must be > 0, got {config.epochs}")
+    if config.batch_size < 2:
+        raise BrnError(
+            f"--batch-size must be >= 2 (normalization needs more than one example), got {config.batch_size}"
+        )
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise BrnError(f"--lr must be a positive number, got {config.lr}")
+    if config.optimizer not in OPTIMIZERS:
+        raise BrnError(f"--optimizer {config.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if config.weight_decay < 0:
+        raise BrnError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise BrnError(f"--lr-schedule {config.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if config.warmup_steps < 0:
+        raise BrnError(f"--warmup-steps must be >= 0, got {config.warmup_steps}")
+    if not 0.0 < config.momentum <= 1.0:
+        raise BrnError(f"--momentum (rate of the moving statistics) must be in (0, 1], got {config.momentum}")
+    for name in ("eval_every", "save_every", "num_workers"):
+        if getattr(config, name) < 0:
+            raise BrnError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if config.log_every < 1:
+        raise BrnError(f"--log-every must be >= 1, got {config.log_every}")
+    if config.microbatch is not None:
+        if config.microbatch < 2:
+            raise BrnError(
+                f"--microbatch must be >= 2 (a group of one has no variance), got {config.microbatch}"
+            )
+        if config.batch_size % config.microbatch:
+            raise BrnError(
+                f"--microbatch {config.microbatch} does not divide --batch-size {config.batch_size}"
+            )
+    if config.amp not in AMP_MODES:
+        raise BrnError(f"--amp {config.amp!r}: expected one of {', '.join(AMP_MODES)}")
+    if config.dmax_schedule is None and config.rmax_schedule.strip().lower() not in PRESET_SCHEDULES:
+        raise BrnError(
+            f"--rmax-schedule {config.rmax_schedule!r} is not a preset, so give --dmax-schedule as well"
+        )
+
+
+def _rng_state(runtime: _Runtime) -> dict[str, Any]:
+    """Every RNG the step can touch, as tensors and primitives (loads with weights_only=True)."""
+    import numpy as np
+    import torch
+
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "internal": list(py_internal), "gauss_next": py_gauss},
+        "cuda": None,
+    }
+    if runtime.is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], runtime: _Runtime) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if runtime.is_cuda and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to `step` (those written before the checkpoint being resumed)."""
+    from .atomic import atomic_path
+    from .curves import read_metrics
+
+    kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory, config resolution, model, optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_resume(config: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
+    """On --resume: the run's own settings (from last.pt) with only RESUME_OVERRIDABLE taken from `config`."""
+    run_dir = Path(config.resume)
+    last = run_dir / LAST
+    if not run_dir.is_dir():
+        raise BrnError(f"--resume {run_dir}: no such run directory")
+    if not last.is_file():
+        raise BrnError(f"--resume {run_dir}: no {LAST} there to resume from")
+    return config, last
+
+
+def _prepare_run_dir(config: FinetuneConfig, resuming: bool) -> Path:
+    run_dir = Path(config.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BrnError(f"output {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not resuming and not config.force:
+        raise BrnError(f"output folder {run_dir} is not empty; pass --resume {run_dir} or --force")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrnError(f"cannot create output folder {run_dir} ({exc.strerror or exc})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise BrnError(f"output folder {run_dir} is not writable")
+    if config.force and not resuming:
+        for name in (LAST, BEST, METRICS, CURVES, CONFIG):  # a fresh run: no stale files from an old one
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / name).unlink()
+    return run_dir
+
+
+def _load_model(config: FinetuneConfig, source: str):
+    """The model from `source` with every BatchNorm converted to Batch Renorm at the configured momentum."""
+    from .checkpoint import load_checkpoint
+    from .convert import convert_batchnorm
+    from .layer import BatchRenormNd
+
+    ckpt = load_checkpoint(
+        source, arch=config.arch, arch_kwargs=config.arch_kwargs, trust_pickle=config.trust_pickle
+    )
+    if ckpt.arch_spec is None:
+        raise BrnError(
+            f"{Path(source).name} is a pickled module: pass --arch too, so that the run's checkpoints "
+            "record an architecture they can be rebuilt from"
+        )
+    model = ckpt.model
+    if not any(isinstance(m, BatchRenormNd) for m in model.modules()):
+        # A plain BatchNorm model: convert on the fly. A brn checkpoint keeps the user's choice of layers.
+        model = convert_batchnorm(model, momentum=config.momentum)
+    layers = [m for m in model.modules() if isinstance(m, BatchRenormNd)]
+    if not layers:
+        raise BrnError(f"{Path(source).name}: the model has no BatchNorm layers with running statistics")
+    for layer in layers:  # brn checkpoints keep their own momentum: the run's --momentum wins
+        layer.momentum = float(config.momentum)
+        layer.microbatch = config.microbatch
+    return model, ckpt, len(layers)
+
+
+def _make_optimizer(model, config: FinetuneConfig):
+    """SGD (Nesterov, momentum 0.9) / AdamW / RMSProp. No weight decay on biases and norm parameters."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise BrnError("the model has no trainable parameters")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=SGD_MOMENTUM, nesterov=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    # RMSProp as the paper's Inception run used it (decay 0.9, eps 1.0 in TF's convention is too large here)
+    return torch.optim.RMSprop(groups, lr=config.lr, alpha=0.9, momentum=0.9, eps=1e-3)
+
+
+def _make_loader(dataset, batches: list[list[int]], runtime: _Runtime, num_workers: int):
+    """A DataLoader over precomputed index lists (one per step).
+
+    It gets a private generator: a DataLoader without one draws its worker seed from the global torch RNG
+    each time it is iterated, and a resumed run iterates once more (mid-epoch) than an uninterrupted one.
+    """
+    import torch
+
+    from .data import make_loader
+
+    loader = make_loader(dataset, batches, num_workers=num_workers, pin_memory=runtime.is_cuda)
+    loader.generator = torch.Generator().manual_seed(0)
+    return loader
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: SIGINT / SIGTERM finish the current step, save, and exit
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """Installs SIGINT/SIGTERM handlers (main thread only) that ask the loop to stop after this step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop now (atomic writes leave nothing partial)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `config.checkpoint` on `config.data`, writing RUNDIR (see the module docstring).
+
+    Returns the final and best metrics. Raises BrnError on bad input and FinetuneInterrupted (after saving
+    last.pt) on SIGINT / SIGTERM.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .checkpoint import make_brn_checkpoint, save_checkpoint_dict
+    from .data import LabelBatchSampler, eval_loader, load_data, parse_sampler
+    from .evaluate import evaluate
+    from .layer import collect_telemetry
+    from .schedule import RenormScheduler, parse_schedule
+
+    t_start = time.time()
+    # ---- settings: a fresh run takes `config`; a resumed run takes its own saved settings -------------
+    resume_state = None
+    if config.resume:
+        _, last_path = _resolve_resume(config)
+        try:
+            saved = torch.load(last_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BrnError(f"--resume: cannot read {last_path} ({type(exc).__name__})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("training"), dict):
+            raise BrnError(f"--resume: {last_path} is not a brn finetune checkpoint")
+        resume_state = saved["training"]
+        overrides = {k: getattr(config, k) for k in RESUME_OVERRIDABLE}
+        config = FinetuneConfig.from_dict({**resume_state["config"], **overrides, "output": config.resume})
+    _validate(config)
+    sampler_mode = parse_sampler(config.sampler)
+    runtime = _make_runtime(config)
+    if config.amp == "fp16" and not runtime.is_cuda:
+        raise BrnError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+    run_dir = _prepare_run_dir(config, resuming=resume_state is not None)
+
+    # ---- data ----------------------------------------------------------------------------------------
+    data = load_data(config.data, val_split=config.val_split, normalize=config.normalize, seed=config.seed)
+    sampler = LabelBatchSampler(
+        data.train_labels,
+        config.batch_size,
+        sampler_mode,
+        seed=config.seed,
+        num_replicas=runtime.world_size,
+        rank=runtime.rank,
+    )
+    batches_per_epoch = len(sampler)
+    total_steps = config.steps or max(1, math.ceil(config.epochs * batches_per_epoch))
+    val_loader = None
+    if data.val is not None and len(data.val) > 0:
+        val_loader = eval_loader(data.val, max(config.batch_size, 256), num_workers=config.num_workers)
+        val_loader.generator = torch.Generator().manual_seed(0)  # see _make_loader
+
+    # ---- model, optimizer, schedules -----------------------------------------------------------------
+    source = str(Path(config.resume) / LAST) if resume_state is not None else config.checkpoint
+    model, loaded, n_layers = _load_model(config, source)
+    model.to(runtime.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = _make_optimizer(model, config)
+    rmax_spec = config.rmax_schedule
+    dmax_spec = config.dmax_schedule if config.dmax_schedule is not None else config.rmax_schedule
+    renorm = RenormScheduler(
+        model,
+        parse_schedule(rmax_spec, kind="rmax", total_steps=total_steps),
+        parse_schedule(dmax_spec, kind="dmax", total_steps=total_steps),
+    )  # driven by hand below (renorm.step = step) so lr, rmax, dmax and data all follow one counter
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    forward = runtime.wrap(torch.compile(model) if config.compile else model)
+
+    # ---- state: fresh or restored --------------------------------------------------------------------
+    step, epoch, batch_index = 0, 0, 0
+    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
+    best: dict[str, Any] = {}
+    arch_kwargs = dict(loaded.arch_kwargs or {})
+    metrics_path = run_dir / METRICS
+    if resume_state is None:
+        _seed_everything(config.seed)
+        if runtime.is_main:
+            _write_json(run_dir / CONFIG, config.to_dict())
+            metrics_path.write_text("", encoding="utf-8")
+    else:
+        step = int(resume_state["step"])
+        epoch, batch_index = int(resume_state["epoch"]), int(resume_state["batch_index"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        renorm.load_state_dict(resume_state["renorm_schedule"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        window = dict(resume_state["window"])
+        best = dict(resume_state.get("best") or {})
+        _set_rng_state(resume_state["rng"], runtime)
+        if runtime.is_main:
+            _truncate_metrics(metrics_path, step)
+    resumed_from = step if resume_state is not None else None
+    renorm.step = step
+    rmax, dmax = renorm.apply()
+
+    def training_state() -> dict[str, Any]:
+        return {
+            "step": step,
+            "total_steps": total_steps,
+            "epoch": epoch,
+            "batch_index": batch_index,
+            "optimizer": optimizer.state_dict(),
+            "lr_schedule": {
+                "kind": config.lr_schedule,
+                "base_lr": config.lr,
+                "warmup_steps": config.warmup_steps,
+                "total_steps": total_steps,
+            },
+            "renorm_schedule": renorm.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": _rng_state(runtime),
+            "window": dict(window),
+            "best": dict(best),
+            "config": config.to_dict(),
+        }
+
+    saved_at: dict[str, int] = {}
+
+    def save(name: str) -> None:
+        saved_at[name] = step
+        ckpt = make_brn_checkpoint(
+            model,
+            arch_spec=loaded.arch_spec,
+            arch_kwargs=arch_kwargs,
+            input_shape=[2, *data.sample_shape],
+            source_sha256=loaded.sha256,
+            source_name=Path(config.checkpoint).name,
+            command="finetune",
+            training=training_state(),
+        )
+        save_checkpoint_dict(ckpt, run_dir / name, force=True)
+
+    def log(record: dict[str, Any]) -> None:
+        with open(metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def run_eval() -> dict[str, Any]:
+        result = evaluate(
+            model, val_loader, device=runtime.device, amp=config.amp, channels_last=config.channels_last
+        )
+        model.train()
+        return {"step": step, "val_loss": result.loss, "val_accuracy": result.accuracy}
+
+    # ---- progress display (main process only) ---------------------------------------------------------
+    bar = _Progress(enabled=progress and runtime.is_main, total=total_steps, start=step)
+    last_train: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
+    loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no sync per step
+    correct_sum = torch.zeros((), device=runtime.device)
+    seen = 0
+
+    # ---- the loop: one iteration = one optimizer step ------------------------------------------------
+    with _StopRequest() as stop, bar:
+        while step < total_steps and stop.signum is None:
+            sampler.set_epoch(epoch)
+            batches = list(sampler)[batch_index:]
+            for x, y in _make_loader(data.train, batches, runtime, config.num_workers):
+                x = x.to(runtime.device, non_blocking=True)
+                y = y.to(runtime.device, non_blocking=True)
+                if config.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lr = lr_at(
+                    step,
+                    base_lr=config.lr,
+                    total_steps=total_steps,
+                    warmup_steps=config.warmup_steps,
+                    kind=config.lr_schedule,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # forward / backward / update
+                with torch.autocast(
+                    runtime.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ):
+                    logits = forward(x)
+                    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                        raise BrnError(
+                            "finetune expects the model to return class logits [N, classes]; got "
+                            + (
+                                f"shape {list(logits.shape)}"
+                                if isinstance(logits, torch.Tensor)
+                                else type(logits).__name__
+                            )
+                        )
+                    loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                batch_index += 1
+                renorm.step = step
+                rmax, dmax = renorm.apply()
+
+                # bookkeeping on the device; synced only at log time
+                loss_sum += loss.detach() * y.shape[0]
+                correct_sum += (logits.detach().argmax(1) == y).sum()
+                seen += y.shape[0]
+                window["steps"] += 1
+                bar.advance(step)
+
+                if step % config.log_every == 0 or step == total_steps:
+                    window["loss"] += float(loss_sum)
+                    window["correct"] += float(correct_sum)
+                    window["count"] += seen
+                    loss_sum.zero_()
+                    correct_sum.zero_()
+                    seen = 0
+                    train_loss = window["loss"] / max(window["count"], 1)
+                    if not math.isfinite(train_loss):
+                        raise BrnError(
+                            f"training loss became {train_loss} by step {step}; lower --lr or relax the "
+                            "schedule more slowly (last.pt holds the last good checkpoint, if any)"
+                        )
+                    last_train = {
+                        "kind": "train",
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": train_loss,
+                        "accuracy": window["correct"] / max(window["count"], 1),
+                        "lr": lr,
+                        "rmax": rmax,
+                        "dmax": dmax,
+                        **collect_telemetry(model),
+                    }
+                    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
+                    if runtime.is_main:
+                        log(last_train)
+                    bar.show(last_train, last_eval)
+
+                if val_loader is not None and (
+                    (config.eval_every and step % config.eval_every == 0) or step == total_steps
+                ):
+                    last_eval = {"kind": "eval", **run_eval()}
+                    if runtime.is_main:
+                        log(last_eval)
+                        if not best or last_eval["val_accuracy"] > best["val_accuracy"]:
+                            best = {k: v for k, v in last_eval.items() if k != "kind"}
+                            save(BEST)
+                    bar.show(last_train, last_eval)
+
+                stopping = stop.signum is not None or step >= total_steps
+                if (config.save_every and step % config.save_every == 0) or stopping:
+                    # Fold the unsynced device sums into the window so that resume sees them.
+                    window["loss"] += float(loss_sum)
+                    window["correct"] += float(correct_sum)
+                    window["count"] += seen
+                    loss_sum.zero_()
+                    correct_sum.zero_()
+                    seen = 0
+                    if runtime.is_main:
+                        save(LAST)
+                if stopping:
+                    break
+            else:  # the epoch ran out: next one from its first batch
+                epoch += 1
+                batch_index = 0
+
+    # ---- wrap up --------------------------------------------------------------------------------------
+    if runtime.is_main and saved_at.get(LAST) != step:  # a signal arrived between epochs
+        save(LAST)
+    if runtime.is_main:
+        if val_loader is None and step >= total_steps:
+            best = {"step": step, "note": "no validation data: best.pt is the final model"}
+            save(BEST)
+        _plot_curves(metrics_path, run_dir / CURVES)
+    if stop.signum is not None and step < total_steps:
+        name = signal.Signals(stop.signum).name
+        raise FinetuneInterrupted(
+            f"{name} at step {step}/{total_steps}: saved {run_dir / LAST}; continue with --resume {run_dir}",
+            stop.signum,
+        )
+    final = {
+        "step": step,
+        "train_loss": last_train.get("loss"),
+        "train_accuracy": last_train.get("accuracy"),
+        "val_loss": last_eval.get("val_loss"),
+        "val_accuracy": last_eval.get("val_accuracy"),
+        "rmax": rmax,
+        "dmax": dmax,
+        "renorm_layers": n_layers,
+    }
+    return FinetuneResult(
+        run_dir=str(run_dir),
+        steps=step,
+        final=final,
+        best=best,
+        metrics_path=str(metrics_path),
+        resumed_from=resumed_from,
+        device=str(runtime.device),
+        seconds=time.time() - t_start,
+        files=sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")),
+    )
+
+
+def _plot_curves(metrics_path: Path, out_png: Path) -> None:
+    from .curves import plot_runs
+
+    with contextlib.suppress(ValueError):  # nothing logged yet: no figure
+        plot_runs({"finetune": metrics_path}, out_png)
+
+
+class _Progress:
+    """Rich progress bar with a live line: loss, accuracy, lr, rmax/dmax, clip fractions, validation."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.start = start
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]finetune"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("finetune", total=self.total, completed=self.start, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def show(self, train: dict[str, Any], val: dict[str, Any]) -> None:
+        if self._progress is None or not train:
+            return
+        parts = [
+            f"loss {train['loss']:.4f}",
+            f"acc {100 * train['accuracy']:.1f}%",
+            f"lr {train['lr']:.3g}",
+            f"rmax {train['rmax']:.3g} dmax {train['dmax']:.3g}",
+        ]
+        if "r_clip_frac" in train:
+            parts.append(f"clip r {100 * train['r_clip_frac']:.0f}% d {100 * train['d_clip_frac']:.0f}%")
+        if val:
+            parts.append(f"val {100 * val['val_accuracy']:.1f}%")
+        self._progress.update(self._task, info="  ".join(parts))
