@@ -169,12 +169,16 @@ def read_raw(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[st
     path = Path(path)
     _check_file(path)
     if _is_safetensors(path):
-        from safetensors import SafetensorsError
+        import safetensors
         from safetensors.torch import load_file
 
+        # The error class is SafetensorError (no "s"); look it up so a rename cannot break the import.
+        st_error = getattr(safetensors, "SafetensorError", None) or getattr(
+            safetensors, "SafetensorsError", OSError
+        )
         try:
             return "safetensors", load_file(str(path), device="cpu")
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (st_error, OSError, ValueError) as exc:
             raise BrnError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     try:
         return "torch", torch.load(path, map_location="cpu", weights_only=True)
