@@ -32,7 +32,7 @@ import importlib
 import json
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +185,13 @@ def read_raw(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[st
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
             raise BrnError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(path, exc)
+        if not trust_pickle and not unsafe:
+            # The weights-only unpickler choked on something other than an import: random bytes or a
+            # damaged stream, not a checkpoint that holds Python objects.
+            detail = str(exc).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            reason = detail[0][:200] if detail and "WeightsUnpickler" in str(exc) else _first_line(exc)
+            raise BrnError(f"{path}: not a PyTorch checkpoint ({reason})") from None
         if not trust_pickle:
             what = (
                 f" (it would import {', '.join(unsafe[:5])}{' ...' if len(unsafe) > 5 else ''})"
@@ -200,15 +206,18 @@ def read_raw(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[st
             return "torch", torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # the pickle itself failed: missing class, broken stream...
             raise BrnError(f"{path}: could not unpickle ({type(exc).__name__}: {_first_line(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # the weights-only loader runs no code: any failure is the file's
         raise BrnError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    """What a pickle would import, read without running it (zip format), else from torch's error text
+    (legacy format: 'Unsupported global: GLOBAL module.name')."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:
-        return []
+        names = []
+    return names or list(dict.fromkeys(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))))
 
 
 def _first_line(exc: BaseException) -> str:
