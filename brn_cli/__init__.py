@@ -27,6 +27,11 @@ _EXPORTS = {
     "save_brn_checkpoint": "checkpoint",
     "build_arch": "checkpoint",
     "find_fold_sites": "graph",
+    "fold_model": "fold",
+    "FoldResult": "fold",
+    "export_onnx_checked": "export",
+    "verify_onnx": "verify",
+    "export_state_dict": "statedict",
     "inspect_model": "inspection",
     "BrnError": "errors",
 }
@@ -37,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import build_arch, load_checkpoint, save_brn_checkpoint
     from .convert import convert_batchnorm, plan_conversion, restore_batchnorm
     from .errors import BrnError
+    from .export import export_onnx_checked
+    from .fold import FoldResult, fold_model
     from .graph import find_fold_sites
     from .inspection import inspect_model
     from .layer import (
@@ -49,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
         batch_renorm,
         collect_telemetry,
     )
+    from .statedict import export_state_dict
+    from .verify import verify_onnx
 
 
 def __getattr__(name: str) -> Any:

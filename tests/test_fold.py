@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from brn_cli import convert_batchnorm
-from brn_cli.fold import ChannelScaleShift, fold_model
+from brn_cli import convert_batchnorm, fold_model
+from brn_cli.fold import ChannelScaleShift
 from brn_cli.graph import TraceError
 from brn_cli.layer import BatchRenormNd
 
