@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LAYER_TARGETS", "bench_layer", "interleaved_medians"]
+__all__ = ["LAYER_TARGETS", "bench_layer", "interleaved_medians", "interleaved_times", "paired_ratio"]
 
 # Issue 2's targets: BatchRenorm2d / nn.BatchNorm2d time ratios.
 LAYER_TARGETS = {"train": 1.10, "eval": 1.02}
@@ -26,10 +26,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], Any]], *, reps: int, warmup: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds.
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, one entry per round, timed in interleaved rounds.
 
     Each round runs every function once; the order reverses on odd rounds so neither side always runs
     right after the other (caches, clock boosts). `warmup` untimed rounds come first.
@@ -45,7 +45,24 @@ def interleaved_medians(
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, reps: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each function (see :func:`interleaved_times`)."""
+    times = interleaved_times(fns, reps=reps, warmup=warmup, device=device)
     return {n: statistics.median(v) for n, v in times.items()}
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of numerator_i / denominator_i.
+
+    The two calls of a round run back to back, so a burst of load from other processes hits both; the
+    per-round ratio cancels it where a ratio of separate medians would not.
+    """
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def bench_layer(
@@ -65,7 +82,8 @@ def bench_layer(
     The renorm layer runs with `rmax`/`dmax` > their BatchNorm values and moving averages that differ
     from the batch statistics, so r and d are computed, clipped and live in every step (the defaults
     3 and 5 are the paper's final limits). Returns median times in milliseconds, the ratios
-    renorm/batchnorm, the targets, and the settings measured (thread count included).
+    renorm/batchnorm (median of per-round ratios, see :func:`paired_ratio`), the targets, pass/fail, and
+    the settings measured (thread count included).
     """
     from .layer import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -122,14 +140,19 @@ def bench_layer(
 
         return run
 
-    train = interleaved_medians(
+    train_t = interleaved_times(
         {"batchnorm": train_step(bn), "renorm": train_step(brn)}, reps=reps, warmup=warmup, device=dev
     )
-    evals = interleaved_medians(
+    eval_t = interleaved_times(
         {"batchnorm": eval_step(bn), "renorm": eval_step(brn)}, reps=reps, warmup=warmup, device=dev
     )
+    train = {k: statistics.median(v) for k, v in train_t.items()}
+    evals = {k: statistics.median(v) for k, v in eval_t.items()}
     telemetry = brn.last_telemetry()
-    ratios = {"train": train["renorm"] / train["batchnorm"], "eval": evals["renorm"] / evals["batchnorm"]}
+    ratios = {
+        "train": paired_ratio(train_t["renorm"], train_t["batchnorm"]),
+        "eval": paired_ratio(eval_t["renorm"], eval_t["batchnorm"]),
+    }
     return {
         "shape": list(shape),
         "dtype": str(dtype).removeprefix("torch."),

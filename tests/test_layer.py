@@ -415,3 +415,14 @@ def test_eval_is_gamma_x_minus_mu_over_sigma_plus_beta_float64():
     ) + layer.bias.view(view)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), manual, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_layer_reports_ratios_with_live_clipping():
+    from brn_cli.bench import LAYER_TARGETS, bench_layer
+
+    res = bench_layer((4, 6, 5, 5), reps=3, warmup=1)
+    assert res["shape"] == [4, 6, 5, 5] and res["threads"] == torch.get_num_threads()
+    assert res["r_clip_frac"] == 0.5 and res["d_clip_frac"] == 0.5  # half the channels far from the batch
+    assert set(res["ratio"]) == set(LAYER_TARGETS) and all(v > 0 for v in res["ratio"].values())
+    assert res["pass"] == {k: res["ratio"][k] <= LAYER_TARGETS[k] for k in LAYER_TARGETS}
+    assert all(v > 0 for v in res["ms"].values())
