@@ -642,6 +642,24 @@ def finetune_cmd(
         Path | None,
         typer.Option("--resume", help="Continue the run in this folder exactly (its settings are kept)."),
     ] = None,
+    stats_sync: Annotated[
+        str,
+        typer.Option(
+            "--stats-sync",
+            help="Several processes: global (batch statistics over all ranks) or local (each rank its own "
+            "minibatch, moving averages shared; the paper's section 4).",
+        ),
+    ] = "global",
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc", help="Launch N processes on this machine (torchrun); --batch-size is per process."
+        ),
+    ] = None,
+    dist_timeout: Annotated[
+        float,
+        typer.Option("--dist-timeout", help="Seconds to wait for the other ranks before giving up."),
+    ] = 300.0,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -650,7 +668,7 @@ def finetune_cmd(
 
     if resume is not None:
         # The run's own settings decide the trajectory: refuse options that would silently be ignored.
-        names = {"compile_model": "compile", "as_json": None, "log_every": "log_every"}
+        names = {"compile_model": "compile", "as_json": None, "log_every": "log_every", "nproc": None}
         for param in ctx.command.params:
             key = names.get(param.name, param.name)
             if key is None or key in RESUME_OVERRIDABLE or key in ("checkpoint", "data", "trust_pickle"):
@@ -705,8 +723,23 @@ def finetune_cmd(
         force=force,
         resume=str(resume) if resume is not None else None,
         log_every=log_every,
+        stats_sync=stats_sync,
+        dist_timeout=dist_timeout,
     )
-    result = run_finetune(config, progress=not as_json)
+    import os
+
+    from .distributed import launch_finetune, launched_by_torchrun
+
+    if nproc is not None and nproc < 1:
+        raise BrnError(f"--nproc must be >= 1, got {nproc}")
+    if nproc is not None and nproc > 1 and launched_by_torchrun():
+        raise BrnError("--nproc launches torchrun itself; under torchrun leave it out")
+    if nproc is not None and nproc > 1:
+        result = launch_finetune(config, nproc)  # rank 0 shows the progress; the summary comes back here
+    else:
+        result = run_finetune(config, progress=not as_json)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+            return
     if as_json:
         print_json(
             {

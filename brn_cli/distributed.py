@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,11 +243,18 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def peer_failures(ctx: DistContext, last_checkpoint: str | None = None) -> Iterator[None]:
-    """Turn a lost peer / collective timeout into one clear BrnError naming the last good checkpoint."""
+def peer_failures(
+    ctx: DistContext, last_checkpoint: str | Callable[[], str | None] | None = None
+) -> Iterator[None]:
+    """Turn a lost peer / collective timeout into one clear BrnError naming the last good checkpoint.
+
+    `last_checkpoint` may be a callable, asked only when a failure happens (the newest file by then).
+    """
     try:
         yield
     except RankFailure as exc:
+        if callable(last_checkpoint):
+            last_checkpoint = last_checkpoint()
         if last_checkpoint is None or exc.last_checkpoint is not None:
             raise
         raise RankFailure(exc.rank, exc.timeout_s, exc.detail, last_checkpoint) from exc.__cause__
@@ -256,6 +263,8 @@ def peer_failures(ctx: DistContext, last_checkpoint: str | None = None) -> Itera
     except Exception as exc:
         if not ctx.distributed or not is_peer_failure(exc):
             raise
+        if callable(last_checkpoint):
+            last_checkpoint = last_checkpoint()
         raise RankFailure(ctx.rank, ctx.timeout_s, _first_line(exc), last_checkpoint) from exc
 
 
@@ -336,15 +345,16 @@ def configure_stats_sync(
 
 
 def _replace_with_sync_bn(model: nn.Module, name: str, bn: nn.Module, group) -> None:
-    import torch
     from torch import nn
 
     sync = nn.SyncBatchNorm(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group=group
     )
-    with torch.no_grad():
-        sync.load_state_dict(bn.state_dict())
-    sync.to(device=next(iter(bn.state_dict().values())).device)
+    # The same Parameter and buffer objects: an optimizer built before the swap still updates them.
+    for name in ("weight", "bias"):
+        setattr(sync, name, getattr(bn, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(sync, name, getattr(bn, name))
     sync.train(bn.training)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -59,7 +59,16 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
 PRESET_SCHEDULES = ("paper", "paper-scaled", "off")
 # Options that may differ on --resume: they change where and how often things happen, not the trajectory.
-RESUME_OVERRIDABLE = ("device", "num_workers", "save_every", "eval_every", "force", "resume", "output")
+RESUME_OVERRIDABLE = (
+    "device",
+    "num_workers",
+    "save_every",
+    "eval_every",
+    "force",
+    "resume",
+    "output",
+    "dist_timeout",
+)
 SGD_MOMENTUM = 0.9  # optimizer momentum; `momentum` in the config is the rate of the moving statistics
 
 LAST, BEST, METRICS, CONFIG, CURVES = "last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png"
@@ -102,6 +111,9 @@ class FinetuneConfig:
     resume: str | None = None
     # Extensions beyond the issue-3 contract:
     log_every: int = 10  # steps between train-metric records (and progress-line updates)
+    # issue 6 (distributed; see brn_cli/distributed.py and docs/distributed.md):
+    stats_sync: str = "global"  # global: batch statistics over all ranks; local: per rank, averages shared
+    dist_timeout: float = 300.0  # seconds for the rendezvous and any collective before giving up
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,6 +182,7 @@ class _Runtime:
     device: Any
     rank: int = 0
     world_size: int = 1
+    dist: Any = None  # brn_cli.distributed.DistContext
 
     @property
     def is_main(self) -> bool:
@@ -180,17 +193,24 @@ class _Runtime:
         return self.device.type == "cuda"
 
     def wrap(self, model):
-        """The module the training forward goes through (a DDP wrapper would go here)."""
-        return model
+        """The module the training forward goes through: DDP (broadcast_buffers off) under torchrun."""
+        from .distributed import wrap_model
+
+        return wrap_model(model, self.dist)
 
 
 def _make_runtime(config: FinetuneConfig) -> _Runtime:
     import torch
 
+    from .distributed import DistContext, init_distributed, launched_by_torchrun
+
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        ctx = init_distributed(config.device, config.dist_timeout)  # NCCL on GPU, gloo on CPU
+        return _Runtime(device=torch.device(ctx.device), rank=ctx.rank, world_size=ctx.world_size, dist=ctx)
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return _Runtime(device=device)
+    return _Runtime(device=device, dist=DistContext(device=str(device), timeout_s=config.dist_timeout))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +282,11 @@ def _validate(config: FinetuneConfig) -> None:
             )
     if config.amp not in AMP_MODES:
         raise BrnError(f"--amp {config.amp!r}: expected one of {', '.join(AMP_MODES)}")
+    from .distributed import parse_stats_sync
+
+    parse_stats_sync(config.stats_sync)
+    if not config.dist_timeout > 0:
+        raise BrnError(f"--dist-timeout must be > 0 seconds, got {config.dist_timeout}")
     if config.dmax_schedule is None and config.rmax_schedule.strip().lower() not in PRESET_SCHEDULES:
         raise BrnError(
             f"--rmax-schedule {config.rmax_schedule!r} is not a preset, so give --dmax-schedule as well"
@@ -496,9 +521,29 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     _validate(config)
     sampler_mode = parse_sampler(config.sampler)
     runtime = _make_runtime(config)
+    dist_ctx = runtime.dist
+    if resume_state is not None and int(resume_state.get("world_size", 1)) != runtime.world_size:
+        # Resume on another world size: keep the GLOBAL batch, so data order and schedules carry on.
+        global_batch = config.batch_size * int(resume_state.get("world_size", 1))
+        if global_batch % runtime.world_size:
+            raise BrnError(
+                f"--resume: the run's global batch {global_batch} does not split over "
+                f"{runtime.world_size} processes"
+            )
+        config = dataclasses.replace(config, batch_size=global_batch // runtime.world_size)
+        _validate(config)
     if config.amp == "fp16" and not runtime.is_cuda:
         raise BrnError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
-    run_dir = _prepare_run_dir(config, resuming=resume_state is not None)
+    problem = None
+    if runtime.is_main:  # one rank checks and prepares the folder (others would race on its contents)
+        try:
+            _prepare_run_dir(config, resuming=resume_state is not None)
+        except BrnError as exc:
+            problem = str(exc)
+    problem = dist_ctx.broadcast_object(problem)
+    if problem is not None:
+        raise BrnError(problem)
+    run_dir = Path(config.output)
 
     # ---- data ----------------------------------------------------------------------------------------
     data = load_data(config.data, val_split=config.val_split, normalize=config.normalize, seed=config.seed)
@@ -514,7 +559,12 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     total_steps = config.steps or max(1, math.ceil(config.epochs * batches_per_epoch))
     val_loader = None
     if data.val is not None and len(data.val) > 0:
-        val_loader = eval_loader(data.val, max(config.batch_size, 256), num_workers=config.num_workers)
+        val_set = data.val
+        if runtime.world_size > 1:  # each rank evaluates a shard; the sums are all-reduced
+            val_set = torch.utils.data.Subset(
+                data.val, range(runtime.rank, len(data.val), runtime.world_size)
+            )
+        val_loader = eval_loader(val_set, max(config.batch_size, 256), num_workers=config.num_workers)
         val_loader.generator = torch.Generator().manual_seed(0)  # see _make_loader
 
     # ---- model, optimizer, schedules -----------------------------------------------------------------
@@ -524,6 +574,18 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
+    from .distributed import configure_stats_sync
+
+    sync_report = configure_stats_sync(model, config.stats_sync, dist_ctx)
+    if runtime.is_main and runtime.world_size > 1:
+        import sys
+
+        sys.stderr.write(
+            f"distributed: {runtime.world_size} processes ({dist_ctx.backend}), --stats-sync "
+            f"{config.stats_sync}, global batch {config.batch_size * runtime.world_size}\n"
+        )
+        if sync_report.note():
+            sys.stderr.write(f"note: {sync_report.note()}\n")
     optimizer = _make_optimizer(model, config)
     rmax_spec = config.rmax_schedule
     dmax_spec = config.dmax_schedule if config.dmax_schedule is not None else config.rmax_schedule
@@ -582,12 +644,20 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             "window": dict(window),
             "best": dict(best),
             "config": config.to_dict(),
+            "world_size": runtime.world_size,
         }
 
     saved_at: dict[str, int] = {}
 
     def save(name: str) -> None:
+        """Called by every rank: buffers must agree across ranks; rank 0 writes."""
+        from .distributed import average_batchnorm_buffers, check_buffers_equal
+
         saved_at[name] = step
+        average_batchnorm_buffers(model, dist_ctx)
+        check_buffers_equal(model, dist_ctx)
+        if not runtime.is_main:
+            return
         ckpt = make_brn_checkpoint(
             model,
             arch_spec=loaded.arch_spec,
@@ -605,11 +675,31 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             fh.write(json.dumps(record) + "\n")
 
     def run_eval() -> dict[str, Any]:
-        result = evaluate(
-            model, val_loader, device=runtime.device, amp=config.amp, channels_last=config.channels_last
-        )
+        from .distributed import average_batchnorm_buffers, stats_sync_suspended
+
+        average_batchnorm_buffers(model, dist_ctx)
+        with stats_sync_suspended(model):  # shards differ in length: no collective inside a forward
+            result = evaluate(
+                model, val_loader, device=runtime.device, amp=config.amp, channels_last=config.channels_last
+            )
         model.train()
-        return {"step": step, "val_loss": result.loss, "val_accuracy": result.accuracy}
+        n = result.examples
+        val_loss, correct, n = dist_ctx.sum([result.loss * n, result.accuracy * n, float(n)])
+        return {"step": step, "val_loss": val_loss / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+    def fold_window() -> None:
+        """Add the device-side sums since the last fold to the window, summed over ranks."""
+        nonlocal seen
+        totals = dist_ctx.sum([float(loss_sum), float(correct_sum), float(seen)])
+        window["loss"] += totals[0]
+        window["correct"] += totals[1]
+        window["count"] += totals[2]
+        loss_sum.zero_()
+        correct_sum.zero_()
+        seen = 0
+
+    def last_checkpoint() -> str | None:
+        return str(run_dir / LAST) if (run_dir / LAST).is_file() else None
 
     # ---- progress display (main process only) ---------------------------------------------------------
     bar = _Progress(enabled=progress and runtime.is_main, total=total_steps, start=step)
@@ -620,7 +710,9 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     seen = 0
 
     # ---- the loop: one iteration = one optimizer step ------------------------------------------------
-    with _StopRequest() as stop, bar:
+    from .distributed import peer_failures
+
+    with _StopRequest() as stop, bar, peer_failures(dist_ctx, last_checkpoint):
         while step < total_steps and stop.signum is None:
             sampler.set_epoch(epoch)
             batches = list(sampler)[batch_index:]
@@ -675,12 +767,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                 bar.advance(step)
 
                 if step % config.log_every == 0 or step == total_steps:
-                    window["loss"] += float(loss_sum)
-                    window["correct"] += float(correct_sum)
-                    window["count"] += seen
-                    loss_sum.zero_()
-                    correct_sum.zero_()
-                    seen = 0
+                    fold_window()
                     train_loss = window["loss"] / max(window["count"], 1)
                     if not math.isfinite(train_loss):
                         raise BrnError(
@@ -709,22 +796,21 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                     last_eval = {"kind": "eval", **run_eval()}
                     if runtime.is_main:
                         log(last_eval)
-                        if not best or last_eval["val_accuracy"] > best["val_accuracy"]:
-                            best = {k: v for k, v in last_eval.items() if k != "kind"}
-                            save(BEST)
+                    # Every rank decides (the metrics are all-reduced, so identically): save() is collective.
+                    if not best or last_eval["val_accuracy"] > best["val_accuracy"]:
+                        best = {k: v for k, v in last_eval.items() if k != "kind"}
+                        save(BEST)
                     bar.show(last_train, last_eval)
 
+                if runtime.world_size > 1:  # a signal on any rank stops every rank after this same step
+                    any_signal = int(dist_ctx.max(float(stop.signum or 0)))
+                    if any_signal and stop.signum is None:
+                        stop.signum = any_signal
                 stopping = stop.signum is not None or step >= total_steps
                 if (config.save_every and step % config.save_every == 0) or stopping:
                     # Fold the unsynced device sums into the window so that resume sees them.
-                    window["loss"] += float(loss_sum)
-                    window["correct"] += float(correct_sum)
-                    window["count"] += seen
-                    loss_sum.zero_()
-                    correct_sum.zero_()
-                    seen = 0
-                    if runtime.is_main:
-                        save(LAST)
+                    fold_window()
+                    save(LAST)
                 if stopping:
                     break
             else:  # the epoch ran out: next one from its first batch
@@ -732,13 +818,19 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                 batch_index = 0
 
     # ---- wrap up --------------------------------------------------------------------------------------
-    if runtime.is_main and saved_at.get(LAST) != step:  # a signal arrived between epochs
-        save(LAST)
-    if runtime.is_main:
+    with peer_failures(dist_ctx, last_checkpoint):
+        if saved_at.get(LAST) != step:  # a signal arrived between epochs
+            save(LAST)
         if val_loader is None and step >= total_steps:
             best = {"step": step, "note": "no validation data: best.pt is the final model"}
             save(BEST)
+        dist_ctx.barrier()  # no rank leaves (and tears down the group) while another still saves
+    if runtime.is_main:
         _plot_curves(metrics_path, run_dir / CURVES)
+    if runtime.world_size > 1:
+        from .distributed import shutdown
+
+        shutdown(dist_ctx)
     if stop.signum is not None and step < total_steps:
         name = signal.Signals(stop.signum).name
         raise FinetuneInterrupted(

@@ -11,6 +11,7 @@ One torch.multiprocessing.spawn runs every layer-level check (a spawn costs a fe
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import sys
@@ -279,3 +280,163 @@ def test_single_process_context_is_a_no_op(monkeypatch):
         D.parse_stats_sync("sometimes")
     with pytest.raises(BrnError, match="--nproc"):
         D.torchrun_command(0, ["brn_cli"])
+
+
+# ----------------------------------------------------------------------------------------------
+# brn finetune on torchrun (2 gloo processes): global == one process, resume across world sizes, a dying rank
+# ----------------------------------------------------------------------------------------------
+
+
+class _DieAt(nn.Module):
+    """Identity that ends the process of rank `rank` at its `at`-th training forward (a crashing worker)."""
+
+    def __init__(self, at: int, rank: int = 1) -> None:
+        super().__init__()
+        self.at, self.rank, self.calls = at, rank, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.at and os.environ.get("RANK") == str(self.rank):
+            self.calls += 1
+            if self.calls == self.at:
+                os._exit(7)
+        return x
+
+
+def tiny_mlp(die_at: int = 0) -> nn.Module:
+    """Arch `test_distributed:tiny_mlp`: Linear-BN1d-ReLU twice, then a classifier (16 -> 4 classes)."""
+    return nn.Sequential(
+        nn.Linear(16, 12),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        _DieAt(die_at),
+        nn.Linear(12, 12),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        nn.Linear(12, 4),
+    )
+
+
+@pytest.fixture(scope="module")
+def ft_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ftdist")
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 1.5
+    y = torch.randint(0, 4, (320,), generator=g)
+    x = centers[y] + torch.randn(320, 16, generator=g) * 2.0 + 0.5
+    import numpy as np
+
+    np.savez(
+        folder / "data.npz",
+        x_train=x[:256].numpy(),
+        y_train=y[:256].numpy(),
+        x_val=x[256:].numpy(),
+        y_val=y[256:].numpy(),
+    )
+    torch.manual_seed(0)
+    torch.save({"model_state_dict": tiny_mlp().state_dict()}, folder / "bn.pt")
+    return folder
+
+
+def _ft_config(files: Path, out: Path, **kw):
+    from brn_cli.finetune import FinetuneConfig
+
+    base = {
+        "checkpoint": str(files / "bn.pt"),
+        "data": str(files / "data.npz"),
+        "output": str(out),
+        "arch": "test_distributed:tiny_mlp",
+        "steps": 8,
+        "batch_size": 32,
+        "lr": 0.05,
+        "lr_schedule": "constant",
+        "rmax_schedule": "1.5",
+        "dmax_schedule": "0.5",
+        "momentum": 0.1,
+        "eval_every": 4,
+        "save_every": 4,
+        "log_every": 2,
+        "device": "cpu",
+    }
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _extend(last_pt: Path, steps: int) -> None:
+    """Turn a finished run into one with `steps` total (the schedules here are constants)."""
+    ckpt = torch.load(last_pt, map_location="cpu", weights_only=True)
+    ckpt["training"]["config"]["steps"] = steps
+    ckpt["training"]["total_steps"] = steps
+    torch.save(ckpt, last_pt)
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    # Workers import the arch from this folder; one thread each on the shared cores.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, run_cli, torchrun_env):
+    from brn_cli.finetune import run_finetune
+
+    ref8 = run_finetune(_ft_config(ft_files, tmp_path / "ref8"), progress=False)
+    run_finetune(_ft_config(ft_files, tmp_path / "ref12", steps=12), progress=False)
+
+    # 2 processes x 16 = the same global batch of 32, launched with the --nproc shortcut.
+    two = tmp_path / "two"
+    result = run_cli(
+        "finetune", ft_files / "bn.pt", "--data", ft_files / "data.npz", "-o", two,
+        "--arch", "test_distributed:tiny_mlp", "--steps", "8", "--batch-size", "16", "--lr", "0.05",
+        "--lr-schedule", "constant", "--rmax-schedule", "1.5", "--dmax-schedule", "0.5", "--momentum", "0.1",
+        "--eval-every", "4", "--save-every", "4", "--log-every", "2", "--device", "cpu",
+        "--nproc", "2", "--stats-sync", "global", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["steps"] == 8
+    # global stats: the 2-rank run is the 1-process run with the full batch (weights and moving averages).
+    diff = _max_diff(_model_state(two / "last.pt"), _model_state(tmp_path / "ref8" / "last.pt"))
+    assert diff < 1e-5, diff
+    assert _model_state(two / "last.pt")["1.running_mean"].abs().max() > 0.05  # the averages did move
+    # Rank 0 alone wrote the metrics; validation over the two shards equals the full-set evaluation.
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    assert abs(summary["final"]["val_accuracy"] - ref8.final["val_accuracy"]) < 1e-9
+    assert abs(summary["final"]["val_loss"] - ref8.final["val_loss"]) < 1e-5
+    assert abs(summary["final"]["train_loss"] - ref8.final["train_loss"]) < 1e-5  # summed over ranks
+    saved = torch.load(two / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert saved["world_size"] == 2 and saved["config"]["batch_size"] == 16
+
+    # The 2-rank checkpoint resumes on 1 process: the global batch (32) is kept, so the run carries on
+    # exactly as the uninterrupted 1-process run of 12 steps.
+    _extend(two / "last.pt", 12)
+    resumed = run_finetune(_ft_config(ft_files, two, resume=str(two)), progress=False)
+    assert resumed.resumed_from == 8 and resumed.steps == 12
+    diff = _max_diff(_model_state(two / "last.pt"), _model_state(tmp_path / "ref12" / "last.pt"))
+    assert diff < 1e-5, diff
+    saved = torch.load(two / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert saved["world_size"] == 1 and saved["config"]["batch_size"] == 32
+
+
+def test_finetune_dead_rank_ends_with_one_line_and_keeps_checkpoint(ft_files, tmp_path, torchrun_env):
+    from brn_cli.distributed import launch_finetune
+
+    out = tmp_path / "dies"
+    # Rank 1 dies in its 5th training forward; last.pt was written after step 4.
+    cfg = _ft_config(ft_files, out, batch_size=16, save_every=2, eval_every=0, arch_kwargs={"die_at": 5})
+    with pytest.raises(BrnError) as info:
+        launch_finetune(cfg, 2, timeout_s=120)
+    message = str(info.value)
+    assert "\n" not in message and "2-process run failed" in message
+    assert f"last complete checkpoint is {out / 'last.pt'}" in message
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["training"]["step"] == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
