@@ -111,19 +111,20 @@ def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[T
     return g_mean.to(mean.dtype), g_var.to(var.dtype)
 
 
-def _telemetry_values(r_raw: Tensor, d_raw: Tensor, rmax: float, dmax: float) -> Tensor:
-    """(r clip fraction, d clip fraction, mean |log r|, mean |d|) from the unclipped per-channel r, d.
+def _telemetry_values(rd: Tensor) -> Tensor:
+    """(r clip fraction, d clip fraction, mean |log r|, mean |d|) from the per-channel rows
+    (r unclipped, d unclipped, r clipped, d clipped) of one step.
 
-    A value is clipped exactly when it lies outside [1/rmax, rmax] (resp. [-dmax, dmax]); with an infinite
-    limit nothing is. Per-channel vectors only: no pass over the activations.
+    A channel's r (d) hit its limit exactly when clipping changed it. Per-channel vectors only: no pass
+    over the activations. NaN rows (no step yet) give NaN.
     """
-    r_raw, d_raw = r_raw.detach().float(), d_raw.detach().float()
+    rd = rd.detach().float()
     return torch.stack(
         [
-            ((r_raw > rmax) | (r_raw < 1.0 / rmax)).float().mean(),
-            (d_raw.abs() > dmax).float().mean(),
-            r_raw.log().abs().mean(),
-            d_raw.abs().mean(),
+            (rd[2] != rd[0]).float().mean(),
+            (rd[3] != rd[1]).float().mean(),
+            rd[0].log().abs().mean(),
+            rd[1].abs().mean(),
         ]
     )
 
@@ -133,7 +134,7 @@ class _BatchRenormFn(torch.autograd.Function):
 
     forward(x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, sink, process_group,
     average_stats) -> y; updates running_mean / running_var in place and, if `sink` is a list, puts the
-    unclipped per-channel (r, d) in it for telemetry (computed later, only if someone reads it).
+    per-channel (r unclipped, d unclipped, r, d) in it for telemetry.
 
     Per-channel work is a short chain of small ops on C-vectors; the two passes over the activations are
     BatchNorm's own kernels (statistics, then the inference-mode elementwise kernel), and backward is
@@ -178,7 +179,7 @@ class _BatchRenormFn(torch.autograd.Function):
             w_eff = r
             b_eff = d if bias is None else d + bias.to(stat_dtype)
         if sink is not None:
-            sink[:] = [r_raw, d_raw]
+            sink[:] = [r_raw, d_raw, r, d]
 
         # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
         if process_group is not None and average_stats:
@@ -317,7 +318,13 @@ def _microbatch_renorm(
         y = y + bias.to(stat_dtype).view(1, 1, c, 1)
     with torch.no_grad():
         if sink is not None:
-            sink[:] = [r_raw.flatten(), d_raw.flatten()]
+            # Per channel, the group furthest from the moving averages (the limits are symmetric in
+            # log r and in d, so a channel clipped in any group is clipped in this one).
+            r_ext = r_raw.flatten(1).gather(0, r_raw.log().abs().flatten(1).argmax(0, keepdim=True))[0]
+            d_ext = d_raw.flatten(1).gather(0, d_raw.abs().flatten(1).argmax(0, keepdim=True))[0]
+            r_ext_c = r_ext.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_ext
+            d_ext_c = d_ext.clamp(-dmax, dmax) if dmax != math.inf else d_ext
+            sink[:] = [r_ext, d_ext, r_ext_c, d_ext_c]
         upd_mean, upd_sigma = mean_b.mean(0).flatten(), sigma_b.mean(0).flatten()
         if process_group is not None:
             import torch.distributed as dist
@@ -377,7 +384,7 @@ def batch_renorm(
         average_stats,
     )
     if telemetry is not None:
-        telemetry.copy_(_telemetry_values(*sink, rmax, dmax))
+        telemetry.copy_(_telemetry_values(torch.stack(sink)))
     return y
 
 
@@ -396,7 +403,7 @@ def _batch_renorm_train(
     process_group,
     average_stats: bool,
 ) -> Tensor:
-    """The training step; `sink`, if a list, receives the unclipped per-channel (r, d)."""
+    """The training step; `sink`, if a list, receives per-channel (r unclipped, d unclipped, r, d)."""
     if rmax < 1.0:
         raise ValueError(f"rmax must be >= 1, got {rmax}")
     if dmax < 0.0:
@@ -456,8 +463,8 @@ class BatchRenormNd(nn.Module):
 
     Attributes beyond nn.BatchNorm's: ``microbatch`` (normalize groups of that many examples separately in
     training), ``process_group`` / ``average_stats`` (distributed statistics), and ``telemetry`` (the last
-    training step's 4 numbers as a tensor; :meth:`last_telemetry` gives them as a dataclass). Telemetry is
-    computed from the step's per-channel r and d only when read, so a training step pays nothing for it.
+    training step's 4 numbers as a tensor; :meth:`last_telemetry` gives them as a dataclass). A step only
+    stores its per-channel r and d (one op); the summary is computed when read.
     """
 
     _version = 2
@@ -498,10 +505,12 @@ class BatchRenormNd(nn.Module):
             "num_batches_tracked",
             torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
         )
-        # Telemetry is scratch, not state: kept out of the state_dict. The step leaves its unclipped r, d
-        # and limits in _pending_telemetry; the 4 numbers are computed from them when first read.
-        self.register_buffer("_telemetry", torch.full((4,), float("nan")), persistent=False)
-        self._pending_telemetry: tuple[Tensor, Tensor, float, float] | None = None
+        # Telemetry is scratch, not state: kept out of the state_dict. A step stores its per-channel
+        # (r unclipped, d unclipped, r, d) here in one op; the 4 summary numbers are computed when read.
+        # Being a buffer, it follows .to(), DDP's buffer broadcast, and code that saves/restores buffers.
+        self.register_buffer(
+            "_telemetry_rd", torch.full((4, num_features), float("nan"), **factory), persistent=False
+        )
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -558,19 +567,19 @@ class BatchRenormNd(nn.Module):
             self.process_group,
             self.average_stats,
         )
-        self._pending_telemetry = (sink[0], sink[1], rmax, dmax)
+        buf = self._telemetry_rd
+        if buf.dtype == sink[0].dtype:
+            torch.stack(sink, out=buf)
+        else:  # e.g. a half-precision module: fp32 statistics
+            buf.copy_(torch.stack(sink))
         return y
 
     @property
     def telemetry(self) -> Tensor:
         """The last training step's (r clip fraction, d clip fraction, mean |log r|, mean |d|); NaN before
         the first step. A tensor on the layer's device: reading it does not synchronise."""
-        pending = self._pending_telemetry
-        if pending is not None:
-            self._pending_telemetry = None
-            with torch.no_grad():
-                self._telemetry.copy_(_telemetry_values(*pending))
-        return self._telemetry
+        with torch.no_grad():
+            return _telemetry_values(self._telemetry_rd)
 
     def last_telemetry(self) -> RenormTelemetry | None:
         """Telemetry of the last training forward, or None before the first one."""

@@ -284,6 +284,16 @@ def test_telemetry_matches_hand_computation():
     assert avg["r_clip_frac"] == pytest.approx(expected[0] / 2)
     assert avg["mean_abs_d"] == pytest.approx((expected[3] + other.last_telemetry().mean_abs_d) / 2)
 
+    # Telemetry lives in a (non-persistent) buffer: code that saves and restores buffers around an
+    # extra forward gets the original step's telemetry back.
+    saved = {n: t.clone() for n, t in layer.named_buffers()}
+    layer.train()(x * 3)
+    assert layer.last_telemetry() != got
+    for n, t in layer.named_buffers():
+        t.copy_(saved[n])
+    assert layer.last_telemetry() == got
+    assert "_telemetry_rd" not in layer.state_dict()
+
     # The functional form fills a caller's tensor.
     slots = torch.full((4,), float("nan"))
     batch_renorm(
@@ -381,7 +391,12 @@ def test_microbatch_groups_use_their_own_statistics():
     expect_sigma = pre.running_sigma + 0.2 * (sigma_bs.mean(0) - pre.running_sigma)
     torch.testing.assert_close(layer.running_mean, expect_mu, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.running_sigma, expect_sigma, rtol=1e-12, atol=1e-12)
-    assert layer.last_telemetry() is not None
+    # Telemetry: a channel counts as clipped when any of its groups was.
+    r_raw = sigma_bs / pre.running_sigma
+    d_raw = (mu_bs - pre.running_mean) / pre.running_sigma
+    tele = layer.last_telemetry()
+    assert tele.r_clip_frac == float(((r_raw > 1.5) | (r_raw < 1 / 1.5)).any(0).double().mean())
+    assert tele.d_clip_frac == float((d_raw.abs() > 0.5).any(0).double().mean())
     layer.microbatch = 4
     with pytest.raises(ValueError, match="microbatches"):
         layer(x.detach())
