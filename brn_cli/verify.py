@@ -6,9 +6,13 @@ an unfolded or wrongly folded file), on the CPU provider and on CUDA when a sess
 The reference is the caller's PyTorch eval model, normally the original *unfolded* one, so the check covers
 folding and export together.
 
-A check passes when every output element satisfies ``|onnx - torch| <= atol + rtol * |torch|`` (numpy's
-allclose rule). Reported per check: max absolute error, max relative error ``max|onnx - torch| / max|torch|``
-and, for classifier-shaped outputs ([N, K], K > 1), the fraction of rows whose arg-max agrees.
+A check passes when, for every output tensor, ``max|onnx - torch| <= atol + rtol * max|torch|``: the relative
+part is measured against the output's scale, not element by element. Rounding error (fp32, and fp16 above
+all) grows with the magnitude of the intermediate values, so an element near zero in an output of scale 40
+carries the same absolute error as its neighbours; numpy's elementwise allclose rule fails correct fp16
+exports for that reason. Reported per check: max absolute error, max relative error
+``max|onnx - torch| / max|torch|`` and, for classifier-shaped outputs ([N, K], K > 1), the fraction of rows
+whose arg-max agrees.
 """
 
 from __future__ import annotations
@@ -174,7 +178,7 @@ def verify_onnx(
     input_shape: Sequence[int],
     *,
     atol: float = 1e-4,
-    rtol: float = 1e-3,
+    rtol: float = 1e-4,
     batches: Sequence[int] | None = None,
     inputs_per_batch: int = 2,
     providers: Sequence[str] | None = None,
@@ -225,7 +229,7 @@ def verify_onnx(
                         max_rel = max(
                             max_rel, float(diff.max(initial=0.0) / max(np.abs(w).max(initial=0.0), 1e-30))
                         )
-                        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(w)))
+                        ok = ok and bool(diff.max(initial=0.0) <= atol + rtol * np.abs(w).max(initial=0.0))
                     w0 = want[0]
                     if w0.ndim == 2 and w0.shape[1] > 1:
                         agree += int((np.argmax(got[0], 1) == np.argmax(w0, 1)).sum())
