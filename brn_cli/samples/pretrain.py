@@ -159,7 +159,7 @@ def pretrain_batchnorm(
             optimizer.step()
             scheduler.step()
             if bar is not None and (step % 10 == 9 or step == steps - 1):
-                bar.update(task, completed=step + 1, loss=f"{float(loss):.3f}")
+                bar.update(task, completed=step + 1, loss=f"{float(loss.detach()):.3f}")
     finally:
         if bar is not None:
             bar.stop()
