@@ -89,7 +89,12 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         scratch_mean = torch.zeros(c, device=x.device, dtype=stat_dtype)
         scratch_var = torch.ones(c, device=x.device, dtype=stat_dtype)
         mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
-    return mean.to(stat_dtype), var.to(stat_dtype)
+    return _as(mean, stat_dtype), _as(var, stat_dtype)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Tensor.to costs a few microseconds even when it is a no-op; the hot path skips it.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[Tensor, Tensor]:
@@ -166,18 +171,18 @@ class _BatchRenormFn(torch.autograd.Function):
         invstd_b = torch.reciprocal(sigma_b)
 
         mu = running_mean if running_mean.dtype == stat_dtype else running_mean.to(stat_dtype)
-        sigma = (running_var.to(stat_dtype) + eps).sqrt_()
+        sigma = (_as(running_var, stat_dtype) + eps).sqrt_()
         r_raw = sigma_b / sigma
         d_raw = (mean_b - mu).div_(sigma)
         r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
         d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
         if weight is not None:
-            gamma = weight.to(stat_dtype)
+            gamma = _as(weight, stat_dtype)
             w_eff = gamma * r
-            b_eff = torch.addcmul(bias.to(stat_dtype), gamma, d) if bias is not None else gamma * d
+            b_eff = torch.addcmul(_as(bias, stat_dtype), gamma, d) if bias is not None else gamma * d
         else:
             w_eff = r
-            b_eff = d if bias is None else d + bias.to(stat_dtype)
+            b_eff = d if bias is None else d + _as(bias, stat_dtype)
         if sink is not None:
             sink[:] = [r_raw, d_raw, r, d]
 
@@ -201,7 +206,10 @@ class _BatchRenormFn(torch.autograd.Function):
         else:
             running_mean.copy_(torch.lerp(mu, upd_mean, momentum))
         # var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by rounding).
-        running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
+        if running_var.dtype == stat_dtype:
+            torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_min_(0.0)
+        else:
+            running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
 
         # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
         # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
@@ -232,10 +240,10 @@ class _BatchRenormFn(torch.autograd.Function):
         grad_weight = grad_bias = None
         # y = gamma * (r * xhat + d) + beta  =>  dgamma = r * sum(g*xhat) + d * sum(g),  dbeta = sum(g)
         if ctx.has_weight and need_w:
-            gw, gb = grad_w_eff.to(r.dtype), grad_b_eff.to(r.dtype)
-            grad_weight = torch.addcmul(d * gb, r, gw).to(ctx.weight_dtype)
+            gw, gb = _as(grad_w_eff, r.dtype), _as(grad_b_eff, r.dtype)
+            grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
         if ctx.has_bias and need_b:
-            grad_bias = grad_b_eff.to(ctx.weight_dtype)
+            grad_bias = _as(grad_b_eff, ctx.weight_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
