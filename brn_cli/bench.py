@@ -176,3 +176,407 @@ def bench_layer(
         "target": dict(LAYER_TARGETS),
         "pass": {k: ratios[k] <= LAYER_TARGETS[k] for k in ratios},
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 5 (helper F): sweeps, whole-model training steps, ONNX folding, a peer implementation.
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["bench_layer_sweep", "bench_model_step", "bench_onnx_fold", "bench_peer", "machine_info"]
+
+# (N, C, H, W) activation shapes of a ResNet-50 at batch 32 / 224 px scaled down: early (many pixels,
+# few channels), middle, late (few pixels, many channels); plus a BatchNorm1d feature batch.
+SWEEP_SHAPES: tuple[tuple[int, ...], ...] = (
+    (32, 64, 56, 56),
+    (32, 256, 28, 28),
+    (32, 1024, 7, 7),
+    (256, 512),
+)
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark ran on: CPU model and cores, threads, torch version, GPU name if any, date."""
+    import datetime
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    return info
+
+
+def bench_layer_sweep(
+    shapes: Sequence[Sequence[int]] = SWEEP_SHAPES,
+    *,
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+    channels_last: Sequence[bool] = (False, True),
+    device: str | torch.device = "cpu",
+    reps: int = 20,
+    warmup: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`bench_layer` over shapes x dtypes x memory formats (channels_last only for 4-D/5-D shapes).
+
+    Returns one bench_layer result per combination, in order. `progress(label)` is called before each.
+    """
+    results = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for cl in channels_last:
+                if cl and len(shape) not in (4, 5):
+                    continue
+                if progress is not None:
+                    progress(
+                        f"layer {list(shape)} {str(dtype).removeprefix('torch.')}{' NHWC' if cl else ''}"
+                    )
+                results.append(
+                    bench_layer(shape, dtype=dtype, channels_last=cl, device=device, reps=reps, warmup=warmup)
+                )
+    return results
+
+
+def _activate_renorm(model: nn.Module, rmax: float = 3.0, dmax: float = 5.0) -> int:
+    """Set rmax/dmax on every renorm layer (so r and d are computed and clipped every step); count them."""
+    from .layer import BatchRenormNd
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, BatchRenormNd):
+            m.rmax, m.dmax = float(rmax), float(dmax)
+            n += 1
+    return n
+
+
+def bench_model_step(
+    arch: str = "resnet18",
+    *,
+    batch: int = 16,
+    image_size: int = 112,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    reps: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Whole-model training step (forward, cross-entropy, backward, SGD update) with BatchNorm vs renorm.
+
+    Two copies of a torchvision model with identical weights; one converted to Batch Renorm with the
+    paper's final limits (rmax 3, dmax 5) so the renorm path is live. `dtype` bfloat16 runs the forward
+    under autocast (weights stay float32), as mixed-precision training does. Interleaved rounds, the
+    ratio is the median of per-round renorm/batchnorm ratios (:func:`paired_ratio`).
+    """
+    import copy
+
+    import torchvision
+
+    from .convert import convert_batchnorm
+
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    bn_model = getattr(torchvision.models, arch)(num_classes=100).to(dev)
+    brn_model = convert_batchnorm(copy.deepcopy(bn_model), momentum=0.01)
+    layers = _activate_renorm(brn_model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    bn_model.to(memory_format=fmt)
+    brn_model.to(memory_format=fmt)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 100, (batch,), generator=gen).to(dev)
+    use_amp = dtype != torch.float32
+
+    def step(model: nn.Module) -> Callable[[], None]:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        model.train()
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    times = interleaved_times(
+        {"batchnorm": step(bn_model), "renorm": step(brn_model)}, reps=reps, warmup=warmup, device=dev
+    )
+    return {
+        "arch": arch,
+        "batch": batch,
+        "image_size": image_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "channels_last": channels_last,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "renorm_layers": layers,
+        "reps": reps,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "ratio": paired_ratio(times["renorm"], times["batchnorm"]),
+    }
+
+
+def bench_onnx_fold(
+    arch: str = "resnet18", *, batch: int = 1, image_size: int = 224, repeats: int = 30
+) -> dict[str, Any]:
+    """onnxruntime latency (CPU, 1 thread) of the folded export against an unfolded one, both verified.
+
+    Uses :func:`brn_cli.export.export_onnx_checked` with ``benchmark=True`` on a renorm-converted
+    torchvision model; returns the medians per ORT optimization level and the unfolded/folded ratios.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import torchvision
+
+    from .convert import convert_batchnorm
+    from .export import export_onnx_checked
+
+    torch.manual_seed(0)
+    model = convert_batchnorm(getattr(torchvision.models, arch)(), momentum=0.01).eval()
+    with tempfile.TemporaryDirectory(prefix="brn-bench-onnx-") as scratch:
+        report = export_onnx_checked(
+            model,
+            [max(2, batch), 3, image_size, image_size],
+            Path(scratch) / f"{arch}.onnx",
+            benchmark=True,
+            benchmark_repeats=repeats,
+        )
+    if report.benchmark is None or report.verify is None:
+        raise RuntimeError("export_onnx_checked returned no benchmark")
+    b = report.benchmark
+    return {
+        "arch": arch,
+        "input": [max(2, batch), 3, image_size, image_size],
+        "batch": b.batch,
+        "threads": b.threads,
+        "repeats": b.repeats,
+        "verified": report.verify.passed,
+        "folded_layers": len(report.fold.folded) if report.fold is not None else 0,
+        "median_ms": b.median_ms,
+        "ratio_unfolded_over_folded": {lvl: b.ratio(lvl) for lvl in b.median_ms},
+    }
+
+
+def bench_peer(
+    shape: Sequence[int] = (256, 512), *, reps: int = 30, warmup: int = 5, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """brn's BatchRenorm1d against torchrl's BatchRenorm1d (and nn.BatchNorm1d), when torchrl imports.
+
+    Training forward+backward and eval forward on an (N, C) batch, both renorm layers at rmax 3, dmax 5
+    with torchrl's warm-up switched off, so both compute r and d every step. Returns
+    ``{"measured": False, "reason": ...}`` when torchrl cannot be imported.
+    """
+    try:
+        from torchrl.modules import BatchRenorm1d as PeerRenorm1d
+    except Exception as exc:  # ImportError, or a torchrl built against another torch
+        return {"measured": False, "reason": f"torchrl not importable ({type(exc).__name__}: {exc})"[:300]}
+    import torchrl
+
+    from .layer import BatchRenorm1d
+
+    dev = torch.device(device)
+    c = int(shape[1])
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dev).requires_grad_(True)
+    g = torch.randn(*shape, generator=gen).to(dev)
+    layers = {
+        "batchnorm": nn.BatchNorm1d(c, momentum=0.01).to(dev),
+        "brn": BatchRenorm1d(c, momentum=0.01, rmax=3.0, dmax=5.0).to(dev),
+        "torchrl": PeerRenorm1d(c, momentum=0.01, max_r=3.0, max_d=5.0, warmup_steps=0).to(dev),
+    }
+
+    def train(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.train()
+            x.grad = None
+            layer(x).backward(g)
+
+        return run
+
+    def evaluate(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.eval()
+            with torch.no_grad():
+                layer(x)
+
+        return run
+
+    t_train = interleaved_times(
+        {k: train(v) for k, v in layers.items()}, reps=reps, warmup=warmup, device=dev
+    )
+    t_eval = interleaved_times(
+        {k: evaluate(v) for k, v in layers.items()}, reps=reps, warmup=warmup, device=dev
+    )
+    return {
+        "measured": True,
+        "torchrl": str(torchrl.__version__),
+        "shape": list(shape),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "ms": {
+            "train": {k: statistics.median(v) * 1e3 for k, v in t_train.items()},
+            "eval": {k: statistics.median(v) * 1e3 for k, v in t_eval.items()},
+        },
+        "ratio_torchrl_over_brn": {
+            "train": paired_ratio(t_train["torchrl"], t_train["brn"]),
+            "eval": paired_ratio(t_eval["torchrl"], t_eval["brn"]),
+        },
+        "ratio_brn_over_batchnorm": {
+            "train": paired_ratio(t_train["brn"], t_train["batchnorm"]),
+            "eval": paired_ratio(t_eval["brn"], t_eval["batchnorm"]),
+        },
+    }
+
+
+__all__ += ["BENCH_PARTS", "benchmarks_markdown", "run_benchmarks"]
+
+BENCH_PARTS = ("layer", "models", "onnx", "peer")
+
+
+def run_benchmarks(
+    parts: Sequence[str] = BENCH_PARTS,
+    *,
+    device: str | torch.device = "cpu",
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the chosen benchmark parts; returns {"machine": ..., "layer": [...], "models": [...], ...}.
+
+    On CUDA the layer sweep and model steps run on the GPU (synchronized around every timed call); ONNX
+    Runtime and the torchrl comparison stay on the CPU. `quick` shrinks shapes and repetitions.
+    """
+    from .errors import BrnError
+
+    unknown = [p for p in parts if p not in BENCH_PARTS]
+    if unknown:
+        raise BrnError(f"--what {unknown[0]!r}: choose from {', '.join(BENCH_PARTS)}")
+    dev = torch.device(device)
+    say = progress or (lambda _t: None)
+    results: dict[str, Any] = {"machine": machine_info(), "device": str(dev)}
+    if "layer" in parts:
+        shapes = ((8, 64, 28, 28), (64, 128)) if quick else SWEEP_SHAPES
+        results["layer"] = bench_layer_sweep(
+            shapes, device=dev, reps=5 if quick else 20, warmup=1 if quick else 3, progress=say
+        )
+    if "models" in parts:
+        results["models"] = []
+        archs = ("resnet18",) if quick else ("resnet18", "resnet50")
+        size, batch = (64, 4) if quick else ((224, 32) if dev.type == "cuda" else (112, 16))
+        dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+        for arch in archs:
+            for dtype in dtypes:
+                for cl in (False,) if quick else (False, True):
+                    say(f"training step {arch} {str(dtype).removeprefix('torch.')}{' NHWC' if cl else ''}")
+                    results["models"].append(
+                        bench_model_step(
+                            arch,
+                            batch=batch,
+                            image_size=size,
+                            device=dev,
+                            dtype=dtype,
+                            channels_last=cl,
+                            reps=3 if quick else 10,
+                            warmup=1 if quick else 2,
+                        )
+                    )
+    if "onnx" in parts:
+        say("onnx folded vs unfolded")
+        results["onnx"] = [
+            bench_onnx_fold("resnet18", image_size=64 if quick else 224, repeats=5 if quick else 30)
+        ]
+    if "peer" in parts:
+        say("torchrl BatchRenorm1d")
+        results["peer"] = bench_peer(reps=5 if quick else 30, warmup=1 if quick else 5)
+    return results
+
+
+def benchmarks_markdown(results: dict[str, Any]) -> str:
+    """The results of :func:`run_benchmarks` as markdown tables (what docs/benchmarks.md records)."""
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch.set_num_threads({m['threads']}); "
+        f"torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, Python {m['python']}; "
+        f"GPU: {m['gpu'] or 'none'}; {m['date']}. Device benchmarked: {results['device']}.",
+        "",
+    ]
+    if results.get("layer"):
+        lines += [
+            "| layer input | dtype | layout | train ms BN / BRN | train ratio | eval ms BN / BRN | eval ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["layer"]:
+            ms = r["ms"]
+            lines.append(
+                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {'NHWC' if r['channels_last'] else 'NCHW'} | "
+                f"{ms['train_batchnorm']:.2f} / {ms['train_renorm']:.2f} | {r['ratio']['train']:.2f} | "
+                f"{ms['eval_batchnorm']:.2f} / {ms['eval_renorm']:.2f} | {r['ratio']['eval']:.2f} |"
+            )
+        lines.append("")
+    if results.get("models"):
+        lines += [
+            "| model (training step) | input | precision | layout | ms BN | ms BRN | ratio BRN/BN |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["models"]:
+            prec = "fp32" if r["dtype"] == "float32" else f"autocast {r['dtype']}"
+            lines.append(
+                f"| {r['arch']} ({r['renorm_layers']} norms) | {r['batch']}x3x{r['image_size']}x{r['image_size']} | "
+                f"{prec} | {'NHWC' if r['channels_last'] else 'NCHW'} | {r['ms']['batchnorm']:.1f} | "
+                f"{r['ms']['renorm']:.1f} | {r['ratio']:.3f} |"
+            )
+        lines.append("")
+    if results.get("onnx"):
+        lines += [
+            "| ONNX Runtime (CPU, 1 thread) | ORT optimizations | folded ms | unfolded ms | unfolded/folded |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["onnx"]:
+            for level, ms in r["median_ms"].items():
+                lines.append(
+                    f"| {r['arch']} batch {r['batch']}, {r['input'][-1]} px ({r['folded_layers']} norms folded, "
+                    f"verified: {r['verified']}) | {level} | {ms['folded']:.2f} | {ms['unfolded']:.2f} | "
+                    f"{r['ratio_unfolded_over_folded'][level]:.2f} |"
+                )
+        lines.append("")
+    peer = results.get("peer")
+    if peer is not None:
+        if not peer.get("measured"):
+            lines.append(f"Peer implementation: not measured: {peer['reason']}")
+        else:
+            lines += [
+                f"| BatchRenorm1d {'x'.join(map(str, peer['shape']))} | nn.BatchNorm1d ms | brn ms | "
+                f"torchrl {peer['torchrl']} ms | torchrl/brn | brn/BatchNorm |",
+                "|---|---|---|---|---|---|",
+            ]
+            for phase in ("train", "eval"):
+                ms = peer["ms"][phase]
+                lines.append(
+                    f"| {phase} | {ms['batchnorm']:.3f} | {ms['brn']:.3f} | {ms['torchrl']:.3f} | "
+                    f"{peer['ratio_torchrl_over_brn'][phase]:.2f} | {peer['ratio_brn_over_batchnorm'][phase]:.2f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)

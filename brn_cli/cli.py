@@ -1000,20 +1000,23 @@ def _pct(value: float | None) -> str:
 
 @app.command("demo")
 def demo_cmd(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for everything the demo writes.")] = Path(
-        "brn-demo"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for everything the demo writes.")
+    ] = Path("brn-demo"),
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Seconds-long run of the same flow (too short to compare).")
     ] = False,
-    steps: Annotated[int | None, typer.Option("--steps", help="Fine-tuning steps per run (default 400).")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Fine-tuning steps per run (default 400).")
+    ] = None,
     pretrain_steps: Annotated[
         int | None, typer.Option("--pretrain-steps", help="BatchNorm pretraining steps (default 300).")
     ] = None,
     sampler: Annotated[
-        str | None, typer.Option("--sampler", help="Batch composition while fine-tuning (default grouped:32).")
+        str | None,
+        typer.Option("--sampler", help="Batch composition while fine-tuning (default grouped:32)."),
     ] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -1059,13 +1062,22 @@ def demo_cmd(
     runs = list(result.runs.values())
     rows = [
         ("schedule", [r.schedule for r in runs]),
-        ("inference accuracy (moving averages)", [f"[bold]{_pct(r.inference_accuracy)}[/bold]" for r in runs]),
-        (f"batch-statistics accuracy ({config.sampler} test batches)", [_pct(r.batch_stats_accuracy) for r in runs]),
+        (
+            "inference accuracy (moving averages)",
+            [f"[bold]{_pct(r.inference_accuracy)}[/bold]" for r in runs],
+        ),
+        (
+            f"batch-statistics accuracy ({config.sampler} test batches)",
+            [_pct(r.batch_stats_accuracy) for r in runs],
+        ),
         ("train accuracy, last steps (training mode)", [_pct(r.train_accuracy) for r in runs]),
         ("ONNX accuracy (onnxruntime)", [_pct(r.onnx_accuracy) for r in runs]),
         (
             "ONNX parity (max |onnx - torch|)",
-            [("[green]✓[/green] " if r.onnx_passed else "[red]✗[/red] ") + f"{r.onnx_max_abs:.1g}" for r in runs],
+            [
+                ("[green]✓[/green] " if r.onnx_passed else "[red]✗[/red] ") + f"{r.onnx_max_abs:.1g}"
+                for r in runs
+            ],
         ),
         ("fine-tuning time", [f"{r.seconds:.1f} s" for r in runs]),
     ]
@@ -1085,16 +1097,18 @@ def demo_cmd(
 
 @app.command("reproduce")
 def reproduce_cmd(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the runs and the report.")] = Path(
-        "brn-reproduce"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for the runs and the report.")
+    ] = Path("brn-reproduce"),
     settings: Annotated[
         str,
         typer.Option("--settings", help="Comma-separated: iid-32, micro-4, micro-2, grouped-2, grouped-16."),
     ] = "iid-32,micro-4,micro-2,grouped-2,grouped-16",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per run, from scratch.")] = 400,
-    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate (cosine decay), the same for all.")] = 0.02,
+    lr: Annotated[
+        float, typer.Option("--lr", help="SGD learning rate (cosine decay), the same for all.")
+    ] = 0.02,
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1).")] = 1,
     report_only: Annotated[
@@ -1167,7 +1181,9 @@ def bench_cmd(
     results = run_benchmarks(parts, device=dev, quick=quick, progress=None if as_json else err.print)
     if output is not None:
         write_atomic(
-            output, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"), force=force
+            output,
+            lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"),
+            force=force,
         )
     if as_json:
         print_json(results)
