@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -383,23 +384,27 @@ def torchrun_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, run_cli, torchrun_env):
+def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, torchrun_env):
+    from brn_cli.distributed import torchrun_command
     from brn_cli.finetune import run_finetune
 
     ref8 = run_finetune(_ft_config(ft_files, tmp_path / "ref8"), progress=False)
     run_finetune(_ft_config(ft_files, tmp_path / "ref12", steps=12), progress=False)
 
-    # 2 processes x 16 = the same global batch of 32, launched with the --nproc shortcut.
+    # 2 processes x 16 = the same global batch of 32: `torchrun --standalone --nproc-per-node 2 -m brn_cli ...`
     two = tmp_path / "two"
-    result = run_cli(
-        "finetune", ft_files / "bn.pt", "--data", ft_files / "data.npz", "-o", two,
+    args = [
+        "brn_cli", "finetune", ft_files / "bn.pt", "--data", ft_files / "data.npz", "-o", two,
         "--arch", "test_distributed:tiny_mlp", "--steps", "8", "--batch-size", "16", "--lr", "0.05",
         "--lr-schedule", "constant", "--rmax-schedule", "1.5", "--dmax-schedule", "0.5", "--momentum", "0.1",
         "--eval-every", "4", "--save-every", "4", "--log-every", "2", "--device", "cpu",
-        "--nproc", "2", "--stats-sync", "global", "--json",
-    )  # fmt: skip
-    assert result.code == 0, result.err
-    summary = json.loads(result.out)
+        "--stats-sync", "global", "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        torchrun_command(2, [str(a) for a in args]), capture_output=True, text=True, timeout=180, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # rank 0 alone prints (one JSON document)
     assert summary["steps"] == 8
     # global stats: the 2-rank run is the 1-process run with the full batch (weights and moving averages).
     diff = _max_diff(_model_state(two / "last.pt"), _model_state(tmp_path / "ref8" / "last.pt"))
@@ -426,17 +431,31 @@ def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, r
     assert saved["world_size"] == 1 and saved["config"]["batch_size"] == 32
 
 
-def test_finetune_dead_rank_ends_with_one_line_and_keeps_checkpoint(ft_files, tmp_path, torchrun_env):
-    from brn_cli.distributed import launch_finetune
+def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
+    ft_files, tmp_path, run_cli, torchrun_env
+):
+    from brn_cli.finetune import run_finetune
 
-    out = tmp_path / "dies"
-    # Rank 1 dies in its 5th training forward; last.pt was written after step 4.
-    cfg = _ft_config(ft_files, out, batch_size=16, save_every=2, eval_every=0, arch_kwargs={"die_at": 5})
-    with pytest.raises(BrnError) as info:
-        launch_finetune(cfg, 2, timeout_s=120)
-    message = str(info.value)
-    assert "\n" not in message and "2-process run failed" in message
+    # A 1-process run with grouped batches (4 labels x 8 examples), stopped at step 4.
+    kw = {"sampler": "grouped:8", "save_every": 2, "eval_every": 0, "arch_kwargs": {"die_at": 3}}
+    out = tmp_path / "one"
+    run_finetune(_ft_config(ft_files, out, steps=4, **kw), progress=False)
+    run_finetune(_ft_config(ft_files, tmp_path / "ref6", steps=6, **kw), progress=False)
+    _extend(out / "last.pt", 12)
+
+    # `brn finetune --resume --nproc 2`: 2 x 16 continue the global batch of 32 from step 4; rank 1 dies in
+    # its 3rd training forward (step 7), after last.pt of step 6 was written.
+    # (--save-every is one of the options a resume takes from the command line, defaults included.)
+    result = run_cli("finetune", "--resume", out, "--nproc", "2", "--device", "cpu", "--save-every", "2")
+    assert result.code != 0
+    assert len(result.err_lines) == 1, result.err
+    message = result.err_lines[0]
+    assert message.startswith("brn: error: the 2-process run failed"), message
     assert f"last complete checkpoint is {out / 'last.pt'}" in message
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["training"]["step"] == 4
+    assert ckpt["training"]["step"] == 6
+    assert ckpt["training"]["world_size"] == 2 and ckpt["training"]["config"]["batch_size"] == 16
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
+    # Steps 5-6 on 2 ranks (grouped batches sliced per rank, global stats) = steps 5-6 in one process.
+    diff = _max_diff(ckpt["state_dict"], _model_state(tmp_path / "ref6" / "last.pt"))
+    assert diff < 1e-5, diff
