@@ -257,8 +257,9 @@ def export_onnx_checked(
 ) -> OnnxExportReport:
     """Fold, export, verify, (optionally) benchmark; see the module docstring for the order of things.
 
-    `model` is not modified. `step(description)` is called as each stage starts (for progress display).
-    Returns the report; ``report.written`` is False (and nothing is on disk) when verification failed.
+    `model` is not modified (its train/eval mode is restored on return). `step(description)` is called as
+    each stage starts (for progress display). Returns the report; ``report.written`` is False (and nothing
+    is on disk) when verification failed.
     """
     step = step or (lambda _text: None)
     target = check_writable(output, force=force)
@@ -267,7 +268,48 @@ def export_onnx_checked(
     shape = [int(s) for s in input_shape]
     if len(shape) < 2:
         raise BrnError(f"input shape {shape}: need at least (batch, features)")
-    reference = model.eval()
+    was_training = model.training
+    try:
+        return _export_onnx_checked(
+            model.eval(),
+            shape,
+            target,
+            fold=fold,
+            fp16=fp16,
+            opset=opset,
+            exporter=exporter,
+            verify=verify,
+            atol=atol,
+            rtol=rtol,
+            benchmark=benchmark,
+            benchmark_repeats=benchmark_repeats,
+            force=force,
+            step=step,
+            external_data_threshold=external_data_threshold,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _export_onnx_checked(
+    reference: nn.Module,
+    shape: list[int],
+    target: Path,
+    *,
+    fold: bool,
+    fp16: bool,
+    opset: int,
+    exporter: str,
+    verify: bool,
+    atol: float | None,
+    rtol: float | None,
+    benchmark: bool,
+    benchmark_repeats: int,
+    force: bool,
+    step: Callable[[str], None],
+    external_data_threshold: int,
+) -> OnnxExportReport:
+    model = reference
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     example = torch.randn(max(2, shape[0]), *shape[1:], dtype=dtype)  # batch >= 2 keeps the axis dynamic
     try:

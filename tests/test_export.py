@@ -157,7 +157,10 @@ def test_grouped_conv_transpose(tmp_path):
 
 
 def test_linear_batchnorm1d(tmp_path):
-    report = export_and_check(renorm(Mlp()), [4, 16], tmp_path)
+    model = renorm(Mlp()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = export_and_check(model, [4, 16], tmp_path)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert_all_folded(report)
     assert set(report.fold.folded) == {("bn1", "fc1"), ("bn2", "fc2")}
 
