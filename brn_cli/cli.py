@@ -735,7 +735,8 @@ def finetune_cmd(
     if nproc is not None and nproc > 1 and launched_by_torchrun():
         raise BrnError("--nproc launches torchrun itself; under torchrun leave it out")
     if nproc is not None and nproc > 1:
-        result = launch_finetune(config, nproc)  # rank 0 shows the progress; the summary comes back here
+        # Rank 0 shows the progress; the summary comes back here.
+        result = launch_finetune(config, nproc, progress=not as_json)
     else:
         result = run_finetune(config, progress=not as_json)
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
@@ -1109,6 +1110,9 @@ def reproduce_cmd(
     lr: Annotated[
         float, typer.Option("--lr", help="SGD learning rate (cosine decay), the same for all.")
     ] = 0.02,
+    momentum: Annotated[
+        float, typer.Option("--momentum", help="Rate of the moving mu/sigma (the paper's alpha).")
+    ] = 0.01,
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1).")] = 1,
     report_only: Annotated[
@@ -1130,6 +1134,7 @@ def reproduce_cmd(
         seeds=seed_list,
         steps=steps,
         lr=lr,
+        momentum=momentum,
         device=device,
         threads=threads,
         force=force,

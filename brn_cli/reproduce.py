@@ -101,6 +101,7 @@ class ReproduceConfig:
     seeds: Sequence[int] = (0, 1, 2)
     steps: int = 400
     lr: float = 0.02
+    momentum: float = 0.01  # the paper's alpha: rate of the moving mu and sigma
     device: str = "cpu"
     threads: int | None = 1
     force: bool = False
@@ -140,6 +141,7 @@ def _one_run(config: ReproduceConfig, out: Path, setting: Setting, method: str, 
         steps=config.steps,
         batch_size=setting.batch_size,
         lr=config.lr,
+        momentum=config.momentum,
         rmax_schedule=METHODS[method],
         sampler=setting.sampler,
         microbatch=setting.microbatch,
@@ -156,6 +158,8 @@ def _one_run(config: ReproduceConfig, out: Path, setting: Setting, method: str, 
         "schedule": METHODS[method],
         "seed": seed,
         "steps": result.steps,
+        "lr": config.lr,
+        "momentum": config.momentum,
         "val_accuracy": result.final.get("val_accuracy"),
         "val_loss": result.final.get("val_loss"),
         "train_accuracy": result.final.get("train_accuracy"),
@@ -337,6 +341,8 @@ def run_reproduce(
         raise BrnError(f"--steps must be >= 1, got {config.steps}")
     if not config.lr > 0:
         raise BrnError(f"--lr must be > 0, got {config.lr}")
+    if not 0 < config.momentum <= 1:
+        raise BrnError(f"--momentum must be in (0, 1], got {config.momentum}")
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise BrnError(f"output {out} exists and is not a directory")
@@ -365,10 +371,15 @@ def run_reproduce(
             marker = _run_dir(out, name, method, seed) / "run.json"
             if marker.is_file() and not config.force:
                 record = json.loads(marker.read_text(encoding="utf-8"))
-                if record.get("steps") != config.steps:
+                ran = (
+                    record.get("steps"),
+                    record.get("lr", config.lr),
+                    record.get("momentum", config.momentum),
+                )
+                if ran != (config.steps, config.lr, config.momentum):
                     raise BrnError(
-                        f"{marker} was run with {record.get('steps')} steps, not {config.steps}; "
-                        "use another -o DIR or --force"
+                        f"{marker} was run with steps/lr/momentum {ran}, not "
+                        f"{(config.steps, config.lr, config.momentum)}; use another -o DIR or --force"
                     )
             else:
                 if bar is not None:
