@@ -350,6 +350,18 @@ def run_reproduce(
     set_threads(config.threads)
 
     jobs = [(s, m, seed) for s in config.settings for seed in config.seeds for m in METHODS]
+    finished: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for name, method, seed in jobs:  # check before any work: runs of another length must not be mixed in
+        marker = _run_dir(out, name, method, seed) / "run.json"
+        if marker.is_file() and not config.force:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            ran = (record.get("steps"), record.get("lr", config.lr), record.get("momentum", config.momentum))
+            if ran != (config.steps, config.lr, config.momentum):
+                raise BrnError(
+                    f"{marker} was run with steps/lr/momentum {ran}, not "
+                    f"{(config.steps, config.lr, config.momentum)}; use another -o DIR or --force"
+                )
+            finished[(name, method, seed)] = record
     bar = None
     if progress:
         from rich.console import Console
@@ -368,20 +380,8 @@ def run_reproduce(
     t0 = time.perf_counter()
     try:
         for done, (name, method, seed) in enumerate(jobs, start=1):
-            marker = _run_dir(out, name, method, seed) / "run.json"
-            if marker.is_file() and not config.force:
-                record = json.loads(marker.read_text(encoding="utf-8"))
-                ran = (
-                    record.get("steps"),
-                    record.get("lr", config.lr),
-                    record.get("momentum", config.momentum),
-                )
-                if ran != (config.steps, config.lr, config.momentum):
-                    raise BrnError(
-                        f"{marker} was run with steps/lr/momentum {ran}, not "
-                        f"{(config.steps, config.lr, config.momentum)}; use another -o DIR or --force"
-                    )
-            else:
+            record = finished.get((name, method, seed))
+            if record is None:
                 if bar is not None:
                     bar.update(task, info=f"{name} {method} seed {seed}")
                 record = _one_run(config, out, SETTINGS[name], method, seed)
