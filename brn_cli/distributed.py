@@ -182,6 +182,11 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda:"):
+        raise BrnError(
+            f"--device {device} under torchrun would put every rank on one GPU; use --device cuda (or auto): "
+            "each process takes the GPU of its LOCAL_RANK (restrict with CUDA_VISIBLE_DEVICES)"
+        )
     dev = resolve_device(device, local_rank)
     backend = "nccl" if dev.startswith("cuda") else "gloo"
     if dev.startswith("cuda"):
@@ -523,7 +528,7 @@ def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
     ]
 
 
-def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None) -> Any:
+def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None, progress: bool = True) -> Any:
     """Run :func:`brn_cli.finetune.run_finetune` on `nproc` local processes via torchrun; return its result.
 
     The config travels as JSON (it is JSON-serialisable by contract) and rank 0 writes the FinetuneResult
@@ -539,15 +544,29 @@ def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None) 
         cmd = torchrun_command(nproc, ["brn_cli.distributed", str(config_path), str(result_path)])
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env["BRN_PROGRESS"] = "1" if progress else "0"
+        proc = subprocess.Popen(cmd, env=env)
         try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout_s, check=False)
+            returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
+            _stop(proc)
             raise BrnError(f"the {nproc}-process run did not finish within {timeout_s:g}s") from exc
-        if proc.returncode != 0 or not result_path.exists():
+        except KeyboardInterrupt:
+            # The workers got the same SIGINT: they finish the step, save last.pt and exit. Wait for that.
+            _stop(proc, grace_s=120.0, signal_first=False)
+            from .finetune import FinetuneInterrupted
+
+            last = last_complete_checkpoint(config.output)
+            raise FinetuneInterrupted(
+                f"interrupted; the last complete checkpoint is {last} (continue with --resume "
+                f"{config.output})",
+                2,
+            ) from None
+        if returncode != 0 or not result_path.exists():
             last = last_complete_checkpoint(config.output)
             where = f"; the last complete checkpoint is {last}" if last else "; no checkpoint was written"
             raise BrnError(
-                f"the {nproc}-process run failed (torchrun exit code {proc.returncode}, see the rank "
+                f"the {nproc}-process run failed (torchrun exit code {returncode}, see the rank "
                 f"messages above){where}"
             )
         data = json.loads(result_path.read_text())
@@ -556,11 +575,28 @@ def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None) 
     return FinetuneResult(**data)
 
 
+def _stop(proc: subprocess.Popen, grace_s: float = 30.0, signal_first: bool = True) -> None:
+    """End a launched torchrun: SIGTERM (it forwards it to the workers), then SIGKILL after `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        if signal_first:
+            proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+
+
 def last_complete_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """Newest ``*.pt`` file in `run_dir` (written atomically, so any that exists is complete)."""
+    """``last.pt`` of the run (what --resume continues from), else its newest ``*.pt``.
+
+    Checkpoints are written atomically, so any file that exists is complete.
+    """
     folder = Path(run_dir)
     if not folder.is_dir():
         return None
+    if (folder / "last.pt").is_file():
+        return str(folder / "last.pt")
     files = [p for p in folder.rglob("*.pt") if not p.name.startswith(".")]
     if not files:
         return None
@@ -579,7 +615,7 @@ def _worker_main(argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         config = FinetuneConfig(**json.loads(Path(argv[0]).read_text()))
-        result = run_finetune(config, progress=rank == "0")
+        result = run_finetune(config, progress=rank == "0" and os.environ.get("BRN_PROGRESS") != "0")
     except BrnError as exc:
         sys.stderr.write(f"brn: error: {exc}\n")
         return exc.exit_code

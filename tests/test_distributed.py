@@ -281,6 +281,11 @@ def test_single_process_context_is_a_no_op(monkeypatch):
         D.parse_stats_sync("sometimes")
     with pytest.raises(BrnError, match="--nproc"):
         D.torchrun_command(0, ["brn_cli"])
+    # Under torchrun an explicit GPU index would put every rank on the same GPU.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(BrnError, match="every rank on one GPU"):
+        D.init_distributed("cuda:1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +413,7 @@ def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, t
     assert summary["steps"] == 8
     # global stats: the 2-rank run is the 1-process run with the full batch (weights and moving averages).
     diff = _max_diff(_model_state(two / "last.pt"), _model_state(tmp_path / "ref8" / "last.pt"))
+    print(f"max |diff| {diff:.3g}")  # shown with pytest -s
     assert diff < 1e-5, diff
     assert _model_state(two / "last.pt")["1.running_mean"].abs().max() > 0.05  # the averages did move
     # Rank 0 alone wrote the metrics; validation over the two shards equals the full-set evaluation.
@@ -426,6 +432,7 @@ def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, t
     resumed = run_finetune(_ft_config(ft_files, two, resume=str(two)), progress=False)
     assert resumed.resumed_from == 8 and resumed.steps == 12
     diff = _max_diff(_model_state(two / "last.pt"), _model_state(tmp_path / "ref12" / "last.pt"))
+    print(f"max |diff| {diff:.3g}")  # shown with pytest -s
     assert diff < 1e-5, diff
     saved = torch.load(two / "last.pt", map_location="cpu", weights_only=True)["training"]
     assert saved["world_size"] == 1 and saved["config"]["batch_size"] == 32
@@ -458,4 +465,5 @@ def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
     # Steps 5-6 on 2 ranks (grouped batches sliced per rank, global stats) = steps 5-6 in one process.
     diff = _max_diff(ckpt["state_dict"], _model_state(tmp_path / "ref6" / "last.pt"))
+    print(f"max |diff| {diff:.3g}")  # shown with pytest -s
     assert diff < 1e-5, diff
