@@ -681,6 +681,12 @@ def finetune_cmd(
                 )
         if output is not None and Path(output).resolve() != Path(resume).resolve():
             raise BrnError(f"-o {output} differs from --resume {resume}; a resumed run stays in its folder")
+        given_overrides = [
+            names.get(p.name, p.name)
+            for p in ctx.command.params
+            if names.get(p.name, p.name) in RESUME_OVERRIDABLE
+            and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"
+        ]
     else:
         if checkpoint is None:
             raise BrnError("missing CHECKPOINT (the model to fine-tune), or pass --resume RUNDIR")
@@ -725,6 +731,7 @@ def finetune_cmd(
         log_every=log_every,
         stats_sync=stats_sync,
         dist_timeout=dist_timeout,
+        resume_overrides=given_overrides if resume is not None else None,
     )
     import os
 

@@ -114,6 +114,9 @@ class FinetuneConfig:
     # issue 6 (distributed; see brn_cli/distributed.py and docs/distributed.md):
     stats_sync: str = "global"  # global: batch statistics over all ranks; local: per rank, averages shared
     dist_timeout: float = 300.0  # seconds for the rendezvous and any collective before giving up
+    # On --resume, which RESUME_OVERRIDABLE fields this config really sets (the CLI passes the options given on
+    # its command line). None: those that differ from the defaults. The others keep the run's saved values.
+    resume_overrides: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -516,7 +519,14 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         if not isinstance(saved, dict) or not isinstance(saved.get("training"), dict):
             raise BrnError(f"--resume: {last_path} is not a brn finetune checkpoint")
         resume_state = saved["training"]
-        overrides = {k: getattr(config, k) for k in RESUME_OVERRIDABLE}
+        given = config.resume_overrides
+        if given is None:
+            defaults = FinetuneConfig(checkpoint="", data="", output="")
+            given = [k for k in RESUME_OVERRIDABLE if getattr(config, k) != getattr(defaults, k)]
+        # Structural keys always come from this call; the rest only when asked for, so an option left out on
+        # --resume keeps the run's value (e.g. its --save-every) instead of silently taking the default.
+        keys = set(given) | {"resume", "output", "force"}
+        overrides = {k: getattr(config, k) for k in RESUME_OVERRIDABLE if k in keys}
         config = FinetuneConfig.from_dict({**resume_state["config"], **overrides, "output": config.resume})
     _validate(config)
     sampler_mode = parse_sampler(config.sampler)

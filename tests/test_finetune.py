@@ -411,3 +411,21 @@ def test_force_restarts_and_off_schedule_keeps_batchnorm(bn_checkpoint, tmp_path
     assert records[0]["rmax"] == 1.0 and records[0]["dmax"] == 0.0
     assert records[0]["r_clip_frac"] >= 0 and result.best["step"] == 3
     assert np.isfinite(result.final["train_loss"])
+
+
+def test_resume_keeps_the_runs_options_unless_given_again(bn_checkpoint, tmp_path, run_cli):
+    """An option left out on --resume keeps the run's value; one given on the command line replaces it."""
+    out = tmp_path / "run"
+    first = [str(bn_checkpoint), "--data", str(SAMPLE_DATA), "-o", str(out), "--arch", ARCH]
+    result = run_cli("finetune", *first, "--steps", "4", "--save-every", "2", "--eval-every", "2")
+    assert result.code == 0, result.err
+
+    def used_config() -> dict:
+        return torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training"]["config"]
+
+    result = run_cli("finetune", "--resume", str(out))
+    assert result.code == 0, result.err
+    assert used_config()["save_every"] == 2 and used_config()["eval_every"] == 2
+    result = run_cli("finetune", "--resume", str(out), "--eval-every", "1")
+    assert result.code == 0, result.err
+    assert used_config()["save_every"] == 2 and used_config()["eval_every"] == 1
