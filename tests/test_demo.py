@@ -96,3 +96,42 @@ def test_set_threads_never_exceeds_available():
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_bench_cli_quick_layer_sweep_and_peer(run_cli, tmp_path):
+    """`brn bench` measures both contenders side by side and reports ratios (not timed: no speed asserted)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        res = run_cli("bench", "--what", "layer,peer", "--quick", "--json", "-o", tmp_path / "b.json")
+    finally:
+        torch.set_num_threads(threads)
+    assert res.code == 0, res.err
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert json.loads(res.out) == results
+    assert results["machine"]["threads"] == 1 and results["device"] == "cpu"
+    layers = results["layer"]
+    # 4-D shape: fp32/bf16 x NCHW/NHWC; 2-D shape: fp32/bf16 (no channels_last for 2-D)
+    assert [(r["dtype"], r["channels_last"]) for r in layers] == [
+        ("float32", False),
+        ("float32", True),
+        ("bfloat16", False),
+        ("bfloat16", True),
+        ("float32", False),
+        ("bfloat16", False),
+    ]
+    for r in layers:
+        assert all(v > 0 and math.isfinite(v) for v in r["ms"].values())
+        assert all(v > 0 and math.isfinite(v) for v in r["ratio"].values())
+        assert 0.0 < r["r_clip_frac"] < 1.0  # r and d were live and clipped in part of the channels
+    peer = results["peer"]
+    try:
+        import torchrl  # noqa: F401
+    except ImportError:
+        assert peer["measured"] is False and "torchrl" in peer["reason"]
+    else:
+        assert peer["measured"] is True and peer["ratio_torchrl_over_brn"]["train"] > 0
+    assert "not measured" in run_cli("bench", "--what", "peer", "--quick").out or peer["measured"]
+    bad = run_cli("bench", "--what", "gpu-magic")
+    assert bad.code != 0 and "--what" in bad.err and len(bad.err_lines) == 1
