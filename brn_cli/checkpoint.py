@@ -33,7 +33,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,16 @@ class LoadedCheckpoint:
     state_key: str | None = None  # where the state_dict was nested, if it was
     sha256: str = ""
 
+    def lineage(self) -> dict[str, Any]:
+        """What a checkpoint derived from this one records about it (keyword arguments of
+        :func:`make_brn_checkpoint`): the architecture, and the source file's name and sha256."""
+        return {
+            "arch_spec": self.arch_spec,
+            "arch_kwargs": dict(self.arch_kwargs or {}),
+            "source_sha256": self.sha256,
+            "source_name": self.path.name,
+        }
+
 
 # ----------------------------------------------------------------------------------------------
 # Architecture specs
@@ -85,6 +95,19 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BrnError("--arch-kwargs must be a JSON object, for example '{\"num_classes\": 10}'")
     return value
+
+
+def import_callable(spec: str, *, option: str) -> Callable[..., Any]:
+    """Resolve "package.module:callable" (`option` names the flag in error messages)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BrnError(f"{option} {spec}: cannot import {module_name!r} ({exc})") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise BrnError(f"{option} {spec}: {module_name} has no callable {attr!r}")
+    return factory
 
 
 def build_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -116,14 +139,7 @@ def build_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
             kwargs.setdefault("pretrained", False)
             model = timm.create_model(name, **kwargs)
         else:
-            try:
-                module = importlib.import_module(source)
-            except ImportError as exc:
-                raise BrnError(f"--arch {spec}: cannot import {source!r} ({exc})") from None
-            factory = getattr(module, name, None)
-            if factory is None or not callable(factory):
-                raise BrnError(f"--arch {spec}: {source} has no callable {name!r}")
-            model = factory(**kwargs)
+            model = import_callable(spec, option="--arch")(**kwargs)
     except BrnError:
         raise
     except TypeError as exc:

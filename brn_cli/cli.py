@@ -291,12 +291,9 @@ def convert_cmd(
             model,
             output,
             force=force,
-            arch_spec=ckpt.arch_spec,
-            arch_kwargs=ckpt.arch_kwargs,
             input_shape=shape,
-            source_sha256=ckpt.sha256,
-            source_name=checkpoint.name,
             command="convert",
+            **ckpt.lineage(),
         )
         result["output"] = str(output)
 
@@ -522,12 +519,9 @@ def calibrate_cmd(
         model,
         output,
         force=force,
-        arch_spec=ckpt.arch_spec,
-        arch_kwargs=ckpt.arch_kwargs,
         input_shape=shape,
-        source_sha256=ckpt.sha256,
-        source_name=checkpoint.name,
         command="calibrate",
+        **ckpt.lineage(),
     )
     result = {
         "source": str(checkpoint),

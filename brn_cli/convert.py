@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layer import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct, BatchRenormNd
+from .outputs import flat_outputs
 
 _PLAIN_TARGETS: dict[type, type[BatchRenormNd]] = {
     nn.BatchNorm1d: BatchRenorm1d,
@@ -275,17 +276,6 @@ def infer_input_shape(model: nn.Module, batch: int = 2) -> list[int] | None:
     return None
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    out = model(x)
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor)]
-    return []
-
-
 @torch.no_grad()
 def max_eval_difference(
     original: nn.Module, converted: nn.Module, input_shape: Sequence[int], *, seed: int = 0
@@ -299,7 +289,7 @@ def max_eval_difference(
     original.eval()
     converted.eval()
     try:
-        a, b = _outputs(original, x), _outputs(converted, x)
+        a, b = flat_outputs(original(x)), flat_outputs(converted(x))
     finally:
         original.train(was[0])
         converted.train(was[1])

@@ -21,7 +21,6 @@ depends only on the seed, the epoch and the global batch size.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -377,15 +376,9 @@ def _load_image_folder(path: Path, val_split: float | None, norm, seed: int) -> 
 
 
 def _load_callable(spec: str, val_split: float | None, norm, seed: int) -> DataBundle:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BrnError(f"--data {spec}: cannot import {module_name!r} ({exc})") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise BrnError(f"--data {spec}: {module_name} has no callable {attr!r}")
-    result = factory()
+    from .checkpoint import import_callable
+
+    result = import_callable(spec, option="--data")()
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise BrnError(f"--data {spec} must return (train_dataset, val_dataset), got {type(result).__name__}")
     train, val = result

@@ -284,11 +284,9 @@ def run_demo(
         converted,
         brn_path,
         force=True,
-        arch_spec=ARCH_SPEC,
         input_shape=[2, 1, 28, 28],
-        source_sha256=ckpt.sha256,
-        source_name=bn_path.name,
         command="demo",
+        **ckpt.lineage(),
     )
     n_renorm = sum(1 for m in converted.modules() if type(m).__name__.startswith("BatchRenorm"))
     note(f"{n_renorm} layers converted; eval outputs max |before - after| = {diff:.2g} -> {brn_path}")

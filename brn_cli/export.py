@@ -37,6 +37,7 @@ from .atomic import atomic_path, check_writable
 from .errors import BrnError
 from .fold import FoldResult, fold_model
 from .graph import TraceError
+from .outputs import flat_outputs
 from .verify import BenchmarkResult, VerifyReport, benchmark_onnx, verify_onnx
 
 __all__ = [
@@ -63,16 +64,6 @@ def default_tolerances(fp16: bool) -> tuple[float, float]:
     return (1e-2, 1e-2) if fp16 else (1e-4, 1e-4)
 
 
-def _flat_outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor)]
-    return []
-
-
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -94,7 +85,7 @@ def export_onnx(
         raise BrnError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     model.eval()
     with torch.no_grad():
-        n_out = len(_flat_outputs(model(example_input)))
+        n_out = len(flat_outputs(model(example_input)))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -314,7 +305,7 @@ def _export_onnx_checked(
     example = torch.randn(max(2, shape[0]), *shape[1:], dtype=dtype)  # batch >= 2 keeps the axis dynamic
     try:
         with torch.no_grad():
-            if not _flat_outputs(reference(example)):
+            if not flat_outputs(reference(example)):
                 raise BrnError("the model returns no tensor; nothing to export")
     except BrnError:
         raise

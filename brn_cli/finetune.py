@@ -612,7 +612,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     step, epoch, batch_index = 0, 0, 0
     window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
     best: dict[str, Any] = {}
-    arch_kwargs = dict(loaded.arch_kwargs or {})
     metrics_path = run_dir / METRICS
     if resume_state is None:
         _seed_everything(config.seed)
@@ -670,12 +669,9 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             return
         ckpt = make_brn_checkpoint(
             model,
-            arch_spec=loaded.arch_spec,
-            arch_kwargs=arch_kwargs,
             input_shape=[2, *data.sample_shape],
-            source_sha256=loaded.sha256,
-            source_name=Path(config.checkpoint).name,
             command="finetune",
+            **loaded.lineage(),
             training=training_state(),
         )
         save_checkpoint_dict(ckpt, run_dir / name, force=True)

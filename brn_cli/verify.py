@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import BrnError
+from .outputs import flat_outputs
 
 __all__ = [
     "BenchmarkResult",
@@ -151,12 +152,7 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
-    out = model(x)
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, torch.Tensor):
-        out = [out]
-    return [t.detach().float().cpu().numpy() for t in out if isinstance(t, torch.Tensor)]
+    return [t.detach().float().cpu().numpy() for t in flat_outputs(model(x))]
 
 
 def _inputs(
