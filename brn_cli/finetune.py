@@ -291,6 +291,9 @@ def _validate(config: FinetuneConfig) -> None:
     if not config.dist_timeout > 0:
         raise BrnError(f"--dist-timeout must be > 0 seconds, got {config.dist_timeout}")
     if config.dmax_schedule is None and config.rmax_schedule.strip().lower() not in PRESET_SCHEDULES:
+        from .schedule import parse_schedule
+
+        parse_schedule(config.rmax_schedule, kind="rmax")  # its own syntax error first, if it has one
         raise BrnError(
             f"--rmax-schedule {config.rmax_schedule!r} is not a preset, so give --dmax-schedule as well"
         )
@@ -544,17 +547,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         _validate(config)
     if config.amp == "fp16" and not runtime.is_cuda:
         raise BrnError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
-    problem = None
-    if runtime.is_main:  # one rank checks and prepares the folder (others would race on its contents)
-        try:
-            _prepare_run_dir(config, resuming=resume_state is not None)
-        except BrnError as exc:
-            problem = str(exc)
-    problem = dist_ctx.broadcast_object(problem)
-    if problem is not None:
-        raise BrnError(problem)
-    run_dir = Path(config.output)
-
     # ---- data ----------------------------------------------------------------------------------------
     data = load_data(config.data, val_split=config.val_split, normalize=config.normalize, seed=config.seed)
     sampler = LabelBatchSampler(
@@ -607,6 +599,18 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     forward = runtime.wrap(torch.compile(model) if config.compile else model)
+
+    # ---- run folder: prepared only now, after every input has been checked, so a bad input leaves nothing
+    problem = None
+    if runtime.is_main:  # one rank checks and prepares the folder (others would race on its contents)
+        try:
+            _prepare_run_dir(config, resuming=resume_state is not None)
+        except BrnError as exc:
+            problem = str(exc)
+    problem = dist_ctx.broadcast_object(problem)
+    if problem is not None:
+        raise BrnError(problem)
+    run_dir = Path(config.output)
 
     # ---- state: fresh or restored --------------------------------------------------------------------
     step, epoch, batch_index = 0, 0, 0

@@ -450,3 +450,24 @@ def test_resume_keeps_the_runs_options_unless_given_again(bn_checkpoint, tmp_pat
     result = run_cli("finetune", "--resume", str(out), "--eval-every", "1")
     assert result.code == 0, result.err
     assert used_config()["save_every"] == 2 and used_config()["eval_every"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sampler", "grouped:500"], "not a multiple of K=500"),
+        (["--batch-size", "9000"], "batch larger than the data"),
+        (["--rmax-schedule", "5k:3,1k:2"], "steps must increase"),
+        (["--rmax-schedule", "0.5"], "rmax must be >= 1"),
+        (["--dmax-schedule", "-1", "--rmax-schedule", "3"], "dmax"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
+    ],
+)
+def test_bad_input_leaves_no_run_folder(bn_checkpoint, tmp_path, run_cli, args, message):
+    out = tmp_path / "run"
+    base = [str(bn_checkpoint), "--data", str(SAMPLE_DATA), "-o", str(out), "--arch", ARCH, "--steps", "2"]
+    result = run_cli("finetune", *base, *args)
+    assert result.code == 2 and len(result.err_lines) == 1, result.err
+    assert message in result.err_lines[0].lower() or message in result.err_lines[0]
+    assert "Traceback" not in result.err
+    assert not out.exists()
