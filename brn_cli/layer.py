@@ -97,6 +97,21 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+Limit = float | Tensor  # a float, or a 0-dim tensor under torch.compile (see BatchRenormNd._limits)
+
+
+def _clip_r(r: Tensor, rmax: Limit) -> Tensor:
+    if isinstance(rmax, Tensor):
+        return torch.clamp(r, torch.reciprocal(rmax), rmax)
+    return r.clamp(1.0 / rmax, rmax) if rmax != math.inf else r
+
+
+def _clip_d(d: Tensor, dmax: Limit) -> Tensor:
+    if isinstance(dmax, Tensor):
+        return torch.clamp(d, -dmax, dmax)
+    return d.clamp(-dmax, dmax) if dmax != math.inf else d
+
+
 def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[Tensor, Tensor]:
     """Combine per-rank (mean, biased var, count) into global ones with one all_reduce of sums."""
     import torch.distributed as dist
@@ -134,57 +149,35 @@ def _telemetry_values(rd: Tensor) -> Tensor:
     )
 
 
-class _BatchRenormFn(torch.autograd.Function):
-    """Training step of Algorithm 1 on top of the native batch-norm kernels.
+def _statistics_and_update(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Limit,
+    dmax: Limit,
+    process_group=None,
+    average_stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel part of a training step, without gradient: the batch statistics, r and d, and the
+    moving-average update of running_mean / running_var (in place).
 
-    forward(x, weight, bias, running_mean, running_var, eps, momentum, rmax, dmax, sink, process_group,
-    average_stats) -> y; updates running_mean / running_var in place and, if `sink` is a list, puts the
-    per-channel (r unclipped, d unclipped, r, d) in it for telemetry.
-
-    Per-channel work is a short chain of small ops on C-vectors; the two passes over the activations are
-    BatchNorm's own kernels (statistics, then the inference-mode elementwise kernel), and backward is
-    BatchNorm's backward kernel. Autograd already runs this under no_grad.
+    Returns (mu_B, var_B, r unclipped, d unclipped, r, d), all in the statistics dtype (fp32 or wider).
     """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor,
-        running_var: Tensor,
-        eps: float,
-        momentum: float,
-        rmax: float,
-        dmax: float,
-        sink: list | None,
-        process_group,
-        average_stats: bool,
-    ) -> Tensor:
+    with torch.no_grad():
         mean_b, var_b = _batch_stats(x)
-        count = x.numel() // x.shape[1]
         if process_group is not None and not average_stats:
-            mean_b, var_b = _sync_stats(mean_b, var_b, count, process_group)
+            mean_b, var_b = _sync_stats(mean_b, var_b, x.numel() // x.shape[1], process_group)
         stat_dtype = mean_b.dtype
         sigma_b = torch.sqrt(var_b + eps)
-        invstd_b = torch.reciprocal(sigma_b)
 
-        mu = running_mean if running_mean.dtype == stat_dtype else running_mean.to(stat_dtype)
+        mu = _as(running_mean, stat_dtype)
         sigma = (_as(running_var, stat_dtype) + eps).sqrt_()
         r_raw = sigma_b / sigma
         d_raw = (mean_b - mu).div_(sigma)
-        r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
-        d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
-        if weight is not None:
-            gamma = _as(weight, stat_dtype)
-            w_eff = gamma * r
-            b_eff = torch.addcmul(_as(bias, stat_dtype), gamma, d) if bias is not None else gamma * d
-        else:
-            w_eff = r
-            b_eff = d if bias is None else d + _as(bias, stat_dtype)
-        if sink is not None:
-            sink[:] = [r_raw, d_raw, r, d]
+        r = _clip_r(r_raw, rmax)
+        d = _clip_d(d_raw, dmax)
 
         # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
         if process_group is not None and average_stats:
@@ -210,17 +203,119 @@ class _BatchRenormFn(torch.autograd.Function):
             torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_min_(0.0)
         else:
             running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
+    return mean_b, var_b, r_raw, d_raw, r, d
 
+
+# Under torch.compile the step above runs as one opaque op that declares its writes to the running buffers.
+# Written as plain ops, the AOT partitioner may recompute r and d in the backward from running_mean /
+# running_var *after* the in-place update, which silently gives wrong gradients (pytorch/pytorch#197039).
+# An op that mutates its inputs is never recomputed, so r and d are saved as computed.
+@torch.library.custom_op("brn::renorm_statistics", mutates_args=("running_mean", "running_var"))
+def _renorm_statistics_op(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, momentum: float, limits: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _statistics_and_update(x, running_mean, running_var, eps, momentum, limits[0], limits[1])
+
+
+@_renorm_statistics_op.register_fake
+def _(x, running_mean, running_var, eps, momentum, limits):
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(6))
+
+
+def _renorm_train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Limit,
+    dmax: Limit,
+    sink: list | None,
+    process_group,
+    average_stats: bool,
+) -> Tensor:
+    """Training step of Algorithm 1 on top of the native batch-norm kernels.
+
+    The statistics, r, d and the moving-average update are per-channel work done without gradient
+    (r and d are constants for backprop by definition); :class:`_BatchRenormFn` then applies the
+    normalization and owns the backward. `sink`, if a list, receives the per-channel
+    (r unclipped, d unclipped, r, d) for telemetry.
+    """
+    if not torch.compiler.is_compiling():
+        stats = _statistics_and_update(
+            x, running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
+        )
+    elif process_group is None and isinstance(rmax, Tensor) and isinstance(dmax, Tensor):
+        stats = _renorm_statistics_op(
+            x.detach(), running_mean, running_var, eps, momentum, torch.stack([rmax, dmax])
+        )
+    else:  # collectives cannot enter a custom op: run this part eagerly (a graph break, but exact)
+        stats = torch.compiler.disable(_statistics_and_update)(
+            x.detach(), running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
+        )
+    mean_b, var_b, r_raw, d_raw, r, d = stats
+    if sink is not None:
+        sink[:] = [r_raw, d_raw, r, d]
+    global_stats = process_group is not None and not average_stats
+    return _BatchRenormFn.apply(
+        x,
+        weight,
+        bias,
+        mean_b,
+        var_b,
+        r,
+        d,
+        eps,
+        process_group if global_stats else None,
+        x.numel() // x.shape[1],
+    )
+
+
+class _BatchRenormFn(torch.autograd.Function):
+    """y = gamma * ((x - mu_B) / sigma_B * r + d) + beta with the batch statistics and r, d given.
+
+    That is BatchNorm with weight' = gamma * r and bias' = gamma * d + beta, so the forward is the
+    inference-mode elementwise kernel fed (mu_B, var_B) and the backward is BatchNorm's own backward kernel,
+    which accounts for mu_B and sigma_B depending on x; r and d get no gradient.
+    `process_group` (global statistics only) makes the backward sums global too.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean_b: Tensor,
+        var_b: Tensor,
+        r: Tensor,
+        d: Tensor,
+        eps: float,
+        process_group,
+        count: int,
+    ) -> Tensor:
+        stat_dtype = mean_b.dtype
+        if weight is not None:
+            gamma = _as(weight, stat_dtype)
+            w_eff = gamma * r
+            b_eff = torch.addcmul(_as(bias, stat_dtype), gamma, d) if bias is not None else gamma * d
+        else:
+            w_eff = r
+            b_eff = d if bias is None else d + _as(bias, stat_dtype)
         # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
         # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
         y = torch.batch_norm(x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps, torch.backends.cudnn.enabled)
 
+        invstd_b = torch.sqrt(var_b + eps).reciprocal_()  # as BatchNorm saves it: 1 / sqrt(var + eps)
         ctx.save_for_backward(x, w_eff, mean_b, invstd_b, r, d)
         ctx.eps = eps
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype if weight is not None else None
-        ctx.process_group = process_group if not average_stats else None
+        ctx.process_group = process_group
         ctx.count = count
         return y
 
@@ -244,7 +339,7 @@ class _BatchRenormFn(torch.autograd.Function):
             grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
         if ctx.has_bias and need_b:
             grad_bias = _as(grad_b_eff, ctx.weight_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -291,8 +386,8 @@ def _microbatch_renorm(
     running_var: Tensor,
     eps: float,
     momentum: float,
-    rmax: float,
-    dmax: float,
+    rmax: Limit,
+    dmax: Limit,
     microbatch: int,
     sink: list | None,
     process_group=None,
@@ -317,8 +412,8 @@ def _microbatch_renorm(
     with torch.no_grad():
         r_raw = sigma_b / sigma
         d_raw = (mean_b - mu) / sigma
-        r = r_raw.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_raw
-        d = d_raw.clamp(-dmax, dmax) if dmax != math.inf else d_raw
+        r = _clip_r(r_raw, rmax)
+        d = _clip_d(d_raw, dmax)
     y = (xg - mean_b) / sigma_b * r + d
     if weight is not None:
         y = y * weight.to(stat_dtype).view(1, 1, c, 1)
@@ -330,8 +425,8 @@ def _microbatch_renorm(
             # log r and in d, so a channel clipped in any group is clipped in this one).
             r_ext = r_raw.flatten(1).gather(0, r_raw.log().abs().flatten(1).argmax(0, keepdim=True))[0]
             d_ext = d_raw.flatten(1).gather(0, d_raw.abs().flatten(1).argmax(0, keepdim=True))[0]
-            r_ext_c = r_ext.clamp(1.0 / rmax, rmax) if rmax != math.inf else r_ext
-            d_ext_c = d_ext.clamp(-dmax, dmax) if dmax != math.inf else d_ext
+            r_ext_c = _clip_r(r_ext, rmax)
+            d_ext_c = _clip_d(d_ext, dmax)
             sink[:] = [r_ext, d_ext, r_ext_c, d_ext_c]
         upd_mean, upd_sigma = mean_b.mean(0).flatten(), sigma_b.mean(0).flatten()
         if process_group is not None:
@@ -396,6 +491,13 @@ def batch_renorm(
     return y
 
 
+def _check_limits(rmax: float, dmax: float) -> None:
+    if not rmax >= 1.0:
+        raise ValueError(f"rmax must be >= 1, got {rmax}")
+    if not dmax >= 0.0:
+        raise ValueError(f"dmax must be >= 0, got {dmax}")
+
+
 def _batch_renorm_train(
     x: Tensor,
     running_mean: Tensor,
@@ -404,24 +506,29 @@ def _batch_renorm_train(
     bias: Tensor | None,
     momentum: float,
     eps: float,
-    rmax: float,
-    dmax: float,
+    rmax: Limit,
+    dmax: Limit,
     microbatch: int | None,
     sink: list | None,
     process_group,
     average_stats: bool,
 ) -> Tensor:
     """The training step; `sink`, if a list, receives per-channel (r unclipped, d unclipped, r, d)."""
-    if rmax < 1.0:
-        raise ValueError(f"rmax must be >= 1, got {rmax}")
-    if dmax < 0.0:
-        raise ValueError(f"dmax must be >= 0, got {dmax}")
+    if not isinstance(rmax, Tensor):  # tensor limits come from a module, which checked them when set
+        _check_limits(rmax, dmax)
     if x.shape[0] * (x.numel() // max(x.shape[0] * x.shape[1], 1)) <= 1 and process_group is None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
         )
     if microbatch is not None and microbatch < x.shape[0]:
-        return _microbatch_renorm(
+        # Reads and then updates the running buffers with plain ops: under torch.compile it runs eagerly, for
+        # the reason given at _renorm_statistics_op.
+        microbatch_fn = (
+            torch.compiler.disable(_microbatch_renorm)
+            if torch.compiler.is_compiling()
+            else _microbatch_renorm
+        )
+        return microbatch_fn(
             x,
             weight,
             bias,
@@ -435,7 +542,7 @@ def _batch_renorm_train(
             sink,
             process_group,
         )
-    return _BatchRenormFn.apply(
+    return _renorm_train_step(
         x,
         weight,
         bias,
@@ -443,8 +550,8 @@ def _batch_renorm_train(
         running_var,
         eps,
         momentum,
-        float(rmax),
-        float(dmax),
+        rmax,
+        dmax,
         sink,
         process_group,
         average_stats,
@@ -494,6 +601,12 @@ class BatchRenormNd(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
+        # rmax and dmax read as floats, and are mirrored in this 2-element tensor that the forward reads
+        # under torch.compile, so a schedule changing them every step never invalidates a compiled graph.
+        self.register_buffer(
+            "_limits", torch.tensor([1.0, 0.0], device=device, dtype=torch.float32), persistent=False
+        )
+        self._rmax = self._dmax = math.nan
         self.rmax = rmax
         self.dmax = dmax
         self.affine = affine
@@ -542,6 +655,34 @@ class BatchRenormNd(nn.Module):
         return new
 
     @property
+    def rmax(self) -> float:
+        """r is clipped to [1/rmax, rmax]; 1 is batchnorm, inf no clipping. Read at every training step."""
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value: float) -> None:
+        value = float(value)
+        _check_limits(value, 0.0)
+        if value != self._rmax:
+            self._rmax = value
+            with torch.no_grad():
+                self._limits[0] = value
+
+    @property
+    def dmax(self) -> float:
+        """d is clipped to [-dmax, dmax]; 0 is batchnorm, inf no clipping. Read at every training step."""
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value: float) -> None:
+        value = float(value)
+        _check_limits(1.0, value)
+        if value != self._dmax:
+            self._dmax = value
+            with torch.no_grad():
+                self._limits[1] = value
+
+    @property
     def running_sigma(self) -> Tensor:
         """sigma = sqrt(running_var + eps), the moving standard deviation of Algorithm 1."""
         return torch.sqrt(self.running_var + self.eps)
@@ -558,7 +699,12 @@ class BatchRenormNd(nn.Module):
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         self.num_batches_tracked.add_(1)
-        rmax, dmax = float(self.rmax), float(self.dmax)  # read now: a schedule may change them between steps
+        # Read now: a schedule may change them between steps. Compiled code reads the tensor mirror instead
+        # of the floats, which dynamo would bake into the graph as constants (one recompile per value).
+        if torch.compiler.is_compiling():
+            rmax, dmax = self._limits[0], self._limits[1]
+        else:
+            rmax, dmax = self._rmax, self._dmax
         sink: list = []
         y = _batch_renorm_train(
             x,

@@ -407,9 +407,10 @@ def test_bad_inputs_raise():
         BatchRenorm2d(3)(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="more than 1 value"):
         BatchRenorm1d(3)(torch.randn(1, 3))
-    layer = BatchRenorm2d(3, rmax=0.5)
-    with pytest.raises(ValueError, match="rmax"):
-        layer(torch.randn(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="rmax"):  # checked when set, before any step
+        BatchRenorm2d(3, rmax=0.5)
+    with pytest.raises(ValueError, match="rmax"):  # the functional form checks at the call
+        batch_renorm(torch.randn(2, 3), torch.zeros(3), torch.ones(3), training=True, rmax=0.5)
     BatchRenorm1d(3).eval()(torch.randn(1, 3))  # inference on a single example is fine
 
 
@@ -441,3 +442,46 @@ def test_bench_layer_reports_ratios_with_live_clipping():
     assert set(res["ratio"]) == set(LAYER_TARGETS) and all(v > 0 for v in res["ratio"].values())
     assert res["pass"] == {k: res["ratio"][k] <= LAYER_TARGETS[k] for k in LAYER_TARGETS}
     assert all(v > 0 for v in res["ms"].values())
+
+
+def test_limits_are_validated_when_set():
+    layer = BatchRenorm2d(4)
+    with pytest.raises(ValueError, match="rmax"):
+        layer.rmax = 0.5
+    with pytest.raises(ValueError, match="dmax"):
+        layer.dmax = -1.0
+    with pytest.raises(ValueError, match="rmax"):
+        BatchRenorm2d(4, rmax=float("nan"))
+    layer.rmax, layer.dmax = float("inf"), 2.5
+    assert (layer.rmax, layer.dmax) == (float("inf"), 2.5)
+    assert "_limits" not in layer.state_dict()
+
+
+def test_compiled_training_follows_a_changing_schedule_without_recompiling():
+    """torch.compile must read rmax/dmax at every step (not bake them in) and not recompile per value."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    eager = BatchRenorm2d(6, momentum=0.3)
+    with torch.no_grad():  # moving averages far from the batches, so r and d are clipped for real
+        eager.running_mean.fill_(1.0)
+        eager.running_var.fill_(4.0)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer)
+    clipped = []
+    for step in range(5):
+        x = torch.randn(8, 6, 5, 5)
+        for layer in (eager, compiled_layer):
+            layer.rmax, layer.dmax = 1.0 + 0.25 * step, 0.3 * step
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(a), compiled(b)
+        (ya * torch.arange(ya.numel()).view_as(ya).sin()).sum().backward()
+        (yb * torch.arange(yb.numel()).view_as(yb).sin()).sum().backward()
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
+        clipped.append(eager.last_telemetry().r_clip_frac + eager.last_telemetry().d_clip_frac)
+    assert max(clipped[1:]) > 0  # the limits did bind while relaxed, not only at rmax=1, dmax=0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
