@@ -471,3 +471,30 @@ def test_bad_input_leaves_no_run_folder(bn_checkpoint, tmp_path, run_cli, args, 
     assert message in result.err_lines[0].lower() or message in result.err_lines[0]
     assert "Traceback" not in result.err
     assert not out.exists()
+
+
+def test_compile_matches_eager_while_the_limits_ramp(bn_checkpoint, tmp_path, one_thread):
+    """--compile gives the eager run's weights while rmax/dmax change at every step (no baked-in limits, no
+    stale r/d in the backward)."""
+    states = {}
+    for compiled in (False, True):
+        cfg = FinetuneConfig(
+            checkpoint=str(bn_checkpoint),
+            data=str(SAMPLE_DATA),
+            output=str(tmp_path / f"compile-{compiled}"),
+            arch=ARCH,
+            steps=6,
+            lr=0.05,
+            sampler="grouped:8",
+            rmax_schedule="0:1,1:2,6:3",
+            dmax_schedule="0:0,1:1,6:4",
+            momentum=0.2,
+            compile=compiled,
+            log_every=1,
+        )
+        run_finetune(cfg, progress=False)
+        states[compiled] = _state(tmp_path / f"compile-{compiled}" / "last.pt")
+        records = _train_records(tmp_path / f"compile-{compiled}")
+        assert [r["rmax"] for r in records][-1] == 3.0 and max(r["r_clip_frac"] for r in records) > 0
+    for key, value in states[False].items():
+        torch.testing.assert_close(states[True][key], value, rtol=1e-3, atol=1e-4, msg=key)
