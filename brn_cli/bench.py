@@ -26,6 +26,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def layer_steps(
+    layer: nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two closures to time: one training forward + backward of `layer` on `x` (upstream gradient `grad`),
+    and one eval forward."""
+    x_train = x.detach().requires_grad_(True)
+
+    def train() -> None:
+        layer.train()
+        x_train.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x_train).backward(grad)
+
+    def evaluate() -> None:
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+
+    return train, evaluate
+
+
 def interleaved_times(
     fns: dict[str, Callable[[], Any]], *, reps: int, warmup: int, device: torch.device
 ) -> dict[str, list[float]]:
@@ -121,30 +142,12 @@ def bench_layer(
         for layer in (bn, brn):
             layer.running_mean.copy_(torch.where(far, torch.tensor(50.0), torch.tensor(0.5)))
             layer.running_var.copy_(torch.where(far, torch.tensor(1e-4), torch.tensor(4.0)))
-    x_train = x.detach().requires_grad_(True)
-
-    def train_step(layer: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            layer.train()
-            x_train.grad = None
-            layer.zero_grad(set_to_none=True)
-            layer(x_train).backward(grad)
-
-        return run
-
-    def eval_step(layer: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            layer.eval()
-            with torch.no_grad():
-                layer(x)
-
-        return run
-
+    steps = {"batchnorm": layer_steps(bn, x, grad), "renorm": layer_steps(brn, x, grad)}
     train_t = interleaved_times(
-        {"batchnorm": train_step(bn), "renorm": train_step(brn)}, reps=reps, warmup=warmup, device=dev
+        {name: train for name, (train, _) in steps.items()}, reps=reps, warmup=warmup, device=dev
     )
     eval_t = interleaved_times(
-        {"batchnorm": eval_step(bn), "renorm": eval_step(brn)}, reps=reps, warmup=warmup, device=dev
+        {name: evaluate for name, (_, evaluate) in steps.items()}, reps=reps, warmup=warmup, device=dev
     )
     train = {k: statistics.median(v) for k, v in train_t.items()}
     evals = {k: statistics.median(v) for k, v in eval_t.items()}
@@ -409,27 +412,12 @@ def bench_peer(
         "torchrl": PeerRenorm1d(c, momentum=0.01, max_r=3.0, max_d=5.0, warmup_steps=0).to(dev),
     }
 
-    def train(layer: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            layer.train()
-            x.grad = None
-            layer(x).backward(g)
-
-        return run
-
-    def evaluate(layer: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            layer.eval()
-            with torch.no_grad():
-                layer(x)
-
-        return run
-
+    steps = {name: layer_steps(layer, x, g) for name, layer in layers.items()}
     t_train = interleaved_times(
-        {k: train(v) for k, v in layers.items()}, reps=reps, warmup=warmup, device=dev
+        {name: train for name, (train, _) in steps.items()}, reps=reps, warmup=warmup, device=dev
     )
     t_eval = interleaved_times(
-        {k: evaluate(v) for k, v in layers.items()}, reps=reps, warmup=warmup, device=dev
+        {name: evaluate for name, (_, evaluate) in steps.items()}, reps=reps, warmup=warmup, device=dev
     )
     return {
         "measured": True,

@@ -159,11 +159,12 @@ def _statistics_and_update(
     dmax: Limit,
     process_group=None,
     average_stats: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-channel part of a training step, without gradient: the batch statistics, r and d, and the
     moving-average update of running_mean / running_var (in place).
 
-    Returns (mu_B, var_B, r unclipped, d unclipped, r, d), all in the statistics dtype (fp32 or wider).
+    Returns (mu_B, var_B, sigma_B, r unclipped, d unclipped, r, d), all in the statistics dtype (fp32 or
+    wider).
     """
     with torch.no_grad():
         mean_b, var_b = _batch_stats(x)
@@ -203,7 +204,7 @@ def _statistics_and_update(
             torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_min_(0.0)
         else:
             running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
-    return mean_b, var_b, r_raw, d_raw, r, d
+    return mean_b, var_b, sigma_b, r_raw, d_raw, r, d
 
 
 # Under torch.compile the step above runs as one opaque op that declares its writes to the running buffers.
@@ -213,14 +214,14 @@ def _statistics_and_update(
 @torch.library.custom_op("brn::renorm_statistics", mutates_args=("running_mean", "running_var"))
 def _renorm_statistics_op(
     x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, momentum: float, limits: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _statistics_and_update(x, running_mean, running_var, eps, momentum, limits[0], limits[1])
 
 
 @_renorm_statistics_op.register_fake
 def _(x, running_mean, running_var, eps, momentum, limits):
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(6))
+    return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(7))
 
 
 def _renorm_train_step(
@@ -256,7 +257,7 @@ def _renorm_train_step(
         stats = torch.compiler.disable(_statistics_and_update)(
             x.detach(), running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
         )
-    mean_b, var_b, r_raw, d_raw, r, d = stats
+    mean_b, var_b, sigma_b, r_raw, d_raw, r, d = stats
     if sink is not None:
         sink[:] = [r_raw, d_raw, r, d]
     global_stats = process_group is not None and not average_stats
@@ -266,6 +267,7 @@ def _renorm_train_step(
         bias,
         mean_b,
         var_b,
+        sigma_b,
         r,
         d,
         eps,
@@ -291,6 +293,7 @@ class _BatchRenormFn(torch.autograd.Function):
         bias: Tensor | None,
         mean_b: Tensor,
         var_b: Tensor,
+        sigma_b: Tensor,
         r: Tensor,
         d: Tensor,
         eps: float,
@@ -309,7 +312,7 @@ class _BatchRenormFn(torch.autograd.Function):
         # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
         y = torch.batch_norm(x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps, torch.backends.cudnn.enabled)
 
-        invstd_b = torch.sqrt(var_b + eps).reciprocal_()  # as BatchNorm saves it: 1 / sqrt(var + eps)
+        invstd_b = torch.reciprocal(sigma_b)  # as BatchNorm saves it: 1 / sqrt(var + eps)
         ctx.save_for_backward(x, w_eff, mean_b, invstd_b, r, d)
         ctx.eps = eps
         ctx.has_weight = weight is not None
@@ -339,7 +342,7 @@ class _BatchRenormFn(torch.autograd.Function):
             grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
         if ctx.has_bias and need_b:
             grad_bias = _as(grad_b_eff, ctx.weight_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
