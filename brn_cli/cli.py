@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import BrnError
+
+if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands
+    from .checkpoint import LoadedCheckpoint
 
 app = typer.Typer(
     name="brn",
@@ -101,7 +104,7 @@ def parse_shape(text: str | None) -> list[int] | None:
 
 def load(
     checkpoint: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool, key: str | None = None
-):
+) -> LoadedCheckpoint:
     from .checkpoint import load_checkpoint, parse_arch_kwargs
 
     return load_checkpoint(
@@ -113,7 +116,7 @@ def load(
     )
 
 
-def print_json(obj) -> None:
+def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 

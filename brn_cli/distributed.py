@@ -45,6 +45,7 @@ from .errors import BrnError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
+    from torch.distributed import ProcessGroup
 
 STATS_SYNC_MODES = ("global", "local")
 DEFAULT_DIST_TIMEOUT_S = 300.0
@@ -306,7 +307,7 @@ def _is_plain_batchnorm(module: nn.Module) -> bool:
 
 
 def configure_stats_sync(
-    model: nn.Module, mode: str, ctx: DistContext, process_group=None
+    model: nn.Module, mode: str, ctx: DistContext, process_group: ProcessGroup | None = None
 ) -> StatsSyncReport:
     """Set every BatchRenormNd of `model` to the `mode` statistics over `process_group` (default: WORLD).
 

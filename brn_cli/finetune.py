@@ -38,9 +38,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BrnError
+
+if TYPE_CHECKING:  # torch is imported inside the functions, so `brn --help` stays fast
+    import torch
 
 __all__ = [
     "FinetuneConfig",
@@ -156,7 +159,7 @@ class FinetuneInterrupted(BrnError):
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_device(spec: str):
+def resolve_device(spec: str) -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; CUDA asked for but absent -> BrnError."""
     import torch
 

@@ -27,10 +27,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "BatchRenorm1d",
@@ -460,7 +464,7 @@ def batch_renorm(
     dmax: float = 0.0,
     microbatch: int | None = None,
     telemetry: Tensor | None = None,
-    process_group=None,
+    process_group: ProcessGroup | None = None,
     average_stats: bool = False,
 ) -> Tensor:
     """Functional Batch Renormalization (see the module docstring for the math).

@@ -21,7 +21,7 @@ import functools
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -276,7 +276,7 @@ def benchmark_onnx(
     threads: int = 1,
     levels: Sequence[str] = _OPT_LEVELS,
     provider: str = "CPUExecutionProvider",
-    progress=None,
+    progress: Callable[[int], None] | None = None,
 ) -> BenchmarkResult:
     """ORT latency of several ONNX files side by side: each repetition runs every contender once, in
     turn, so machine noise hits them alike; reports medians. `progress(advance)` is called per repetition."""
