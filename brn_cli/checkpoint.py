@@ -20,6 +20,7 @@ The brn checkpoint is a dict of tensors and primitive types only (loads with wei
      "renorm_layers": {name: {"type", "num_features", "eps", "momentum", "rmax", "dmax", "affine"}},
      "input_shape": [N, C, ...] | None,
      "provenance": {"source_sha256", "source_name", "brn_version", "torch_version", "created", "command"},
+     "preprocessing": {"normalize": "MEAN,STD"} | absent,  # how inputs were prepared in fine-tuning
      "training": {...} | absent}               # written by finetune: optimizer, schedule, RNG, step
 """
 
@@ -65,6 +66,9 @@ class LoadedCheckpoint:
     renorm_layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] | None = None
+    # How inputs were prepared when the weights were trained ({"normalize": "MEAN,STD"}), so that
+    # evaluate / calibrate feed the model what it was trained on without being told again.
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     state_key: str | None = None  # where the state_dict was nested, if it was
     sha256: str = ""
 
@@ -76,6 +80,7 @@ class LoadedCheckpoint:
             "arch_kwargs": dict(self.arch_kwargs or {}),
             "source_sha256": self.sha256,
             "source_name": self.path.name,
+            "preprocessing": dict(self.preprocessing) or None,
         }
 
 
@@ -415,6 +420,7 @@ def _load_brn(path: Path, obj: Mapping, digest: str, arch: str | None, arch_kwar
         renorm_layers=layers,
         provenance=dict(obj.get("provenance") or {}),
         training=obj.get("training"),
+        preprocessing=dict(obj.get("preprocessing") or {}),
         sha256=digest,
     )
 
@@ -453,6 +459,7 @@ def make_brn_checkpoint(
     source_name: str | None = None,
     command: str = "convert",
     training: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The brn checkpoint dict for `model` (tensors and primitive types only)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -474,6 +481,8 @@ def make_brn_checkpoint(
     }
     if training is not None:
         ckpt["training"] = training
+    if preprocessing:
+        ckpt["preprocessing"] = dict(preprocessing)
     return ckpt
 
 

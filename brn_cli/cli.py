@@ -116,6 +116,19 @@ def load(
     )
 
 
+def checkpoint_normalize(given: str | None, ckpt: LoadedCheckpoint) -> str | None:
+    """--normalize as given, else what the checkpoint was fine-tuned with (said on stderr)."""
+    from .data import resolve_normalize
+
+    recorded = ckpt.preprocessing.get("normalize")
+    chosen = resolve_normalize(given, recorded)
+    if given is None and chosen is not None:
+        err.print(
+            f"note: inputs normalized with {chosen}, as recorded in {ckpt.path.name} (--normalize to change)"
+        )
+    return chosen
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -342,7 +355,12 @@ ValSplitOpt = Annotated[
     typer.Option("--val-split", help="Hold out this fraction of train when there is no val set."),
 ]
 NormalizeOpt = Annotated[
-    str | None, typer.Option("--normalize", help="MEAN,STD (or M1,M2,M3,S1,S2,S3) applied after /255.")
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="MEAN,STD (or M1,M2,M3,S1,S2,S3) applied after /255; 'none' for none. evaluate and calibrate "
+        "default to the normalization recorded in a fine-tuned checkpoint.",
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the batch order and of --val-split.")]
@@ -430,8 +448,8 @@ def evaluate_cmd(
 
     sampler = parse_sampler(sampler)
     dev = resolve_device(device)
-    bundle = load_data(data, val_split=val_split, normalize=normalize, seed=seed)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    bundle = load_data(data, val_split=val_split, normalize=checkpoint_normalize(normalize, ckpt), seed=seed)
     result = evaluate_data(
         ckpt.model,
         bundle,
@@ -504,8 +522,8 @@ def calibrate_cmd(
 
     check_writable(output, force=force)
     dev = resolve_device(device)
-    bundle = load_data(data, val_split=val_split, normalize=normalize, seed=seed)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    bundle = load_data(data, val_split=val_split, normalize=checkpoint_normalize(normalize, ckpt), seed=seed)
     shifts, used = calibrate_data(
         ckpt.model,
         bundle,

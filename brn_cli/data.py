@@ -176,9 +176,17 @@ def _check_labels(labels: Tensor, what: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def resolve_normalize(given: str | None, recorded: str | None) -> str | None:
+    """The --normalize to use: the one given ("none" for no normalization), else the one a checkpoint
+    recorded when it was fine-tuned (a model scores at chance on inputs prepared differently)."""
+    if given is not None:
+        return None if given.strip().lower() == "none" else given
+    return recorded or None
+
+
 def parse_normalize(text: str | None) -> tuple[Tensor, Tensor] | None:
-    """'MEAN,STD' or 'M1,..,Mc,S1,..,Sc' -> (mean [c], std [c]); None passes through."""
-    if text is None or not text.strip():
+    """'MEAN,STD' or 'M1,..,Mc,S1,..,Sc' -> (mean [c], std [c]); None or "none" -> None."""
+    if text is None or not text.strip() or text.strip().lower() == "none":
         return None
     try:
         values = [float(v) for v in text.replace(" ", "").split(",") if v]

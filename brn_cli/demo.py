@@ -286,7 +286,7 @@ def run_demo(
         force=True,
         input_shape=[2, 1, 28, 28],
         command="demo",
-        **ckpt.lineage(),
+        **{**ckpt.lineage(), "preprocessing": {"normalize": NORMALIZE}},
     )
     n_renorm = sum(1 for m in converted.modules() if type(m).__name__.startswith("BatchRenorm"))
     note(f"{n_renorm} layers converted; eval outputs max |before - after| = {diff:.2g} -> {brn_path}")

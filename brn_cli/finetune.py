@@ -678,7 +678,10 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             model,
             input_shape=[2, *data.sample_shape],
             command="finetune",
-            **loaded.lineage(),
+            **{
+                **loaded.lineage(),
+                "preprocessing": {"normalize": config.normalize} if config.normalize else None,
+            },
             training=training_state(),
         )
         save_checkpoint_dict(ckpt, run_dir / name, force=True)

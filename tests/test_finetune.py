@@ -498,3 +498,24 @@ def test_compile_matches_eager_while_the_limits_ramp(bn_checkpoint, tmp_path, on
         assert [r["rmax"] for r in records][-1] == 3.0 and max(r["r_clip_frac"] for r in records) > 0
     for key, value in states[False].items():
         torch.testing.assert_close(states[True][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_evaluate_and_calibrate_use_the_normalization_the_run_recorded(bn_checkpoint, tmp_path, run_cli):
+    """A run fine-tuned on normalized inputs records it; evaluate and calibrate apply it unless told otherwise."""
+    out = tmp_path / "run"
+    norm = "0.13,0.31"
+    args = [str(bn_checkpoint), "--data", str(SAMPLE_DATA), "-o", str(out), "--arch", ARCH, "--steps", "3"]
+    assert run_cli("finetune", *args, "--normalize", norm).code == 0
+    assert torch.load(out / "best.pt", weights_only=True)["preprocessing"] == {"normalize": norm}
+
+    def accuracy(*extra: str) -> tuple[float, str]:
+        result = run_cli("evaluate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "--json", *extra)
+        assert result.code == 0, result.err
+        return json.loads(result.out)["inference"]["accuracy"], result.err
+
+    recorded, note = accuracy()
+    assert accuracy("--normalize", norm)[0] == recorded and "as recorded in best.pt" in note
+    assert accuracy("--normalize", "none")[0] != recorded
+    cal = tmp_path / "cal.pt"
+    assert run_cli("calibrate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "-o", str(cal)).code == 0
+    assert torch.load(cal, weights_only=True)["preprocessing"] == {"normalize": norm}
