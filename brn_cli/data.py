@@ -4,8 +4,8 @@ Data specs (:func:`load_data`):
   * an ``.npz`` with ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``. uint8 images become
     float32 in [0, 1] (/255); float arrays are used as they are. Layout NCHW, NHWC (detected when the last
     axis has 1, 3 or 4 entries and axis 1 does not), N x H x W (one channel added) or flat N x F features;
-  * an ImageFolder-layout directory with ``train/`` and ``val/`` subfolders (torchvision ImageFolder,
-    ToTensor);
+  * an ImageFolder-layout directory with ``train/`` and ``val/`` subfolders (torchvision ImageFolder; every
+    image resized to the first training image's size, so mixed sizes batch; ToTensor);
   * ``package.module:callable`` returning ``(train_dataset, val_dataset)`` (val may be None).
 
 ``--normalize MEAN,STD`` (or M1,M2,M3,S1,S2,S3 per channel) maps x -> (x - mean) / std after the [0, 1]
@@ -368,19 +368,28 @@ def _load_image_folder(path: Path, val_split: float | None, norm, seed: int) -> 
     train_dir, val_dir = path / "train", path / "val"
     if not train_dir.is_dir():
         raise BrnError(f"{path}: an ImageFolder data directory needs a train/ subfolder (and val/)")
-    steps: list[Any] = [transforms.ToTensor()]
-    if norm is not None:
-        steps.append(transforms.Normalize(norm[0].tolist(), norm[1].tolist()))
-    tf = transforms.Compose(steps)
     try:
-        train = datasets.ImageFolder(str(train_dir), transform=tf)
-        val = datasets.ImageFolder(str(val_dir), transform=tf) if val_dir.is_dir() else None
+        train = datasets.ImageFolder(str(train_dir))
+        val = datasets.ImageFolder(str(val_dir)) if val_dir.is_dir() else None
     except (FileNotFoundError, RuntimeError) as exc:
         raise BrnError(f"{path}: {str(exc).splitlines()[0][:200]}") from None
     if val is not None and val.classes != train.classes:
         raise BrnError(f"{path}: train/ and val/ have different class folders")
+    # Every image is resized to the first training image's size, so folders of mixed sizes still batch.
+    try:
+        width, height = train.loader(train.samples[0][0]).size
+    except Exception as exc:  # PIL.UnidentifiedImageError, OSError
+        raise BrnError(f"{path}: cannot read {train.samples[0][0]} ({type(exc).__name__})") from None
+    steps: list[Any] = [transforms.Resize((height, width)), transforms.ToTensor()]
+    if norm is not None:
+        steps.append(transforms.Normalize(norm[0].tolist(), norm[1].tolist()))
+    train.transform = transforms.Compose(steps)
+    if val is not None:
+        val.transform = train.transform
     # Normalization is in the transform already.
-    return _wrap_datasets(train, val, val_split, None, seed, path.name)
+    return _wrap_datasets(
+        train, val, val_split, None, seed, f"{path.name} (images resized to {height}x{width})"
+    )
 
 
 def _load_callable(spec: str, val_split: float | None, norm, seed: int) -> DataBundle:

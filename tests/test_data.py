@@ -195,3 +195,36 @@ def test_set_microbatch():
     assert model[1].microbatch is None
     with pytest.raises(BrnError):
         set_microbatch(model, 0)
+
+
+def test_image_folder_with_mixed_sizes_loads_and_batches(tmp_path):
+    """An ImageFolder tree of real digits saved as PNGs of different sizes: classes from folder names,
+    every image resized to the first one's size so batches stack, normalization applied."""
+    from PIL import Image
+
+    from brn_cli.data import make_loader
+
+    digits = np.load(SAMPLE_DATA)
+    sizes = [(28, 28), (40, 32), (20, 24)]
+    for split, count in (("train", 6), ("val", 2)):
+        for label in (3, 7):
+            folder = tmp_path / split / f"digit{label}"
+            folder.mkdir(parents=True)
+            images = digits["x_train"][digits["y_train"] == label][:count]
+            for i, img in enumerate(images):
+                Image.fromarray(img[0]).resize(sizes[i % 3]).save(folder / f"{i}.png")
+    bundle = load_data(str(tmp_path), normalize="0.5,0.25")
+    assert bundle.num_classes == 2 and len(bundle.train) == 12 and len(bundle.val) == 4
+    assert bundle.train_labels.tolist().count(0) == 6  # digit3 -> class 0, digit7 -> class 1
+    first_w, first_h = Image.open(sorted((tmp_path / "train" / "digit3").iterdir())[0]).size
+    assert bundle.sample_shape == (3, first_h, first_w)
+    loader = make_loader(bundle.train, LabelBatchSampler(bundle.train_labels, 4, "grouped:2", seed=0))
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, first_h, first_w) and y.shape == (4,)
+    assert float(x.min()) == pytest.approx((0.0 - 0.5) / 0.25, abs=1e-6)  # black pixels, normalized
+
+
+def test_image_folder_without_train_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(BrnError, match="train/"):
+        load_data(str(tmp_path))
