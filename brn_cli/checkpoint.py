@@ -44,7 +44,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_path
-from .errors import BrnError
+from .errors import BrnError, first_line
 
 FORMAT_NAME = "brn.checkpoint"
 FORMAT_VERSION = 1
@@ -200,18 +200,18 @@ def read_raw(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[st
         try:
             return "safetensors", load_file(str(path), device="cpu")
         except (st_error, OSError, ValueError) as exc:
-            raise BrnError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise BrnError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     try:
         return "torch", torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-            raise BrnError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+            raise BrnError(f"{path}: not a PyTorch checkpoint ({first_line(exc)})") from None
         unsafe = _unsafe_globals(path, exc)
         if not trust_pickle and not unsafe:
             # The weights-only unpickler choked on something other than an import: random bytes or a
             # damaged stream, not a checkpoint that holds Python objects.
             detail = str(exc).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-            reason = detail[0][:200] if detail and "WeightsUnpickler" in str(exc) else _first_line(exc)
+            reason = detail[0][:200] if detail and "WeightsUnpickler" in str(exc) else first_line(exc)
             raise BrnError(f"{path}: not a PyTorch checkpoint ({reason})") from None
         if not trust_pickle:
             what = (
@@ -226,9 +226,9 @@ def read_raw(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[st
         try:
             return "torch", torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # the pickle itself failed: missing class, broken stream...
-            raise BrnError(f"{path}: could not unpickle ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise BrnError(f"{path}: could not unpickle ({type(exc).__name__}: {first_line(exc)})") from None
     except Exception as exc:  # the weights-only loader runs no code: any failure is the file's
-        raise BrnError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise BrnError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
 
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
@@ -239,11 +239,6 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     except Exception:
         names = []
     return names or list(dict.fromkeys(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _is_tensor_dict(obj: Any) -> bool:

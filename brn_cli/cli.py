@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import BrnError
+from .errors import BrnError, first_line
 
 if TYPE_CHECKING:  # torch-heavy modules are imported inside the commands
     from .checkpoint import LoadedCheckpoint
@@ -296,7 +296,7 @@ def convert_cmd(
         except Exception as exc:
             raise BrnError(
                 f"the model does not run on input shape {shape} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --input-shape"
+                f"{first_line(exc)}); pass --input-shape"
             ) from None
         result.update(max_abs_diff=diff, input_shape=shape)
         if not diff <= 1e-5:
@@ -1251,10 +1251,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if DEBUG["on"]:
             raise
-        text = str(exc).strip().splitlines()
         sys.stderr.write(
-            f"brn: error: {type(exc).__name__}: {text[0] if text else ''} "
-            "(run with --debug for the traceback)\n"
+            f"brn: error: {type(exc).__name__}: {first_line(exc)} (run with --debug for the traceback)\n"
         )
         sys.exit(1)
     sys.exit(0)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from .errors import BrnError
+from .errors import BrnError, first_line
 
 __all__ = [
     "ArrayDataset",
@@ -258,7 +258,7 @@ def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundl
     try:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise BrnError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+        raise BrnError(f"{path}: not a readable .npz file ({first_line(exc, 200)})") from None
     with arrays:
         names = set(arrays.files)
         missing = [k for k in ("x_train", "y_train") if k not in names]
@@ -269,7 +269,7 @@ def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundl
         try:
             raw = {k: arrays[k] for k in ("x_train", "y_train", "x_val", "y_val") if k in names}
         except ValueError as exc:  # object arrays need pickle: refused
-            raise BrnError(f"{path.name}: {str(exc).splitlines()[0][:200]}") from None
+            raise BrnError(f"{path.name}: {first_line(exc, 200)}") from None
     has_val = "x_val" in raw
     if has_val and val_split is not None:
         raise BrnError(f"{path.name} has x_val/y_val already; drop --val-split")
@@ -372,7 +372,7 @@ def _load_image_folder(path: Path, val_split: float | None, norm, seed: int) -> 
         train = datasets.ImageFolder(str(train_dir))
         val = datasets.ImageFolder(str(val_dir)) if val_dir.is_dir() else None
     except (FileNotFoundError, RuntimeError) as exc:
-        raise BrnError(f"{path}: {str(exc).splitlines()[0][:200]}") from None
+        raise BrnError(f"{path}: {first_line(exc, 200)}") from None
     if val is not None and val.classes != train.classes:
         raise BrnError(f"{path}: train/ and val/ have different class folders")
     # Every image is resized to the first training image's size, so folders of mixed sizes still batch.

@@ -8,6 +8,12 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if empty), for one-line error reports."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class BrnError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path, check_writable
-from .errors import BrnError
+from .errors import BrnError, first_line
 from .fold import FoldResult, fold_model
 from .graph import TraceError
 from .outputs import flat_outputs
@@ -310,10 +310,9 @@ def _export_onnx_checked(
     except BrnError:
         raise
     except Exception as exc:
-        text = str(exc).strip().splitlines()
         raise BrnError(
             f"the model does not run on input shape {shape} ({type(exc).__name__}: "
-            f"{text[0] if text else ''}); pass the right --input-shape"
+            f"{first_line(exc)}); pass the right --input-shape"
         ) from None
 
     fold_result: FoldResult | None = None
@@ -364,9 +363,8 @@ def _export_onnx_checked(
             except BrnError:
                 raise
             except Exception as exc:
-                text = str(exc).strip().splitlines()
                 raise BrnError(
-                    f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {text[0] if text else ''}"
+                    f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {first_line(exc)}"
                 ) from None
             report.size_bytes = tmp.stat().st_size + (
                 (target.parent / (target.name + ".data")).stat().st_size if external else 0

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import first_line
 from .layer import BatchRenormNd
 
 FOLDABLE_PRODUCERS = (
@@ -88,7 +89,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as exc:
         where = failed_in[0] if failed_in else None
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         location = f" in module {where!r}" if where else ""
         raise TraceError(f"torch.fx could not trace the model{location}: {text}", module=where) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

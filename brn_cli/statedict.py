@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path, check_writable
-from .errors import BrnError
+from .errors import BrnError, first_line
 
 __all__ = ["FORMATS", "check_state_dict_roundtrip", "export_state_dict", "plain_state_dict"]
 
@@ -71,10 +71,9 @@ def check_state_dict_roundtrip(
     try:
         fresh.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
         raise BrnError(
             f"the exported state_dict does not load strictly into the original architecture: "
-            f"{first[0] if first else exc}"
+            f"{first_line(exc)}"
         ) from None
     diff = None if input_shape is None else max_eval_difference(reference, fresh, input_shape, seed=seed)
     return {"strict_load": True, "max_abs_diff": diff}

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BrnError
+from .errors import BrnError, first_line
 from .outputs import flat_outputs
 
 __all__ = [
@@ -143,8 +143,7 @@ def _session(path: str | os.PathLike, provider: str, level: str, threads: int | 
     try:
         sess = ort.InferenceSession(str(path), _session_options(level, threads), providers=[provider])
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise BrnError(f"onnxruntime cannot load {path}: {text[0] if text else type(exc).__name__}") from None
+        raise BrnError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
     return sess
 
 
