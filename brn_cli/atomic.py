@@ -30,6 +30,21 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     return target
 
 
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder `path` (and its parents) if needed; fail with one line if it cannot be
+    created or written. Whether an existing, non-empty folder may be used is the caller's decision."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise BrnError(f"output {folder} exists and is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrnError(f"cannot create output folder {folder} ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BrnError(f"output folder {folder} is not writable")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto `path`.

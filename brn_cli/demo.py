@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import ensure_output_dir
 from .errors import BrnError
 
 __all__ = ["DemoConfig", "DemoResult", "available_threads", "run_demo", "set_threads"]
@@ -161,13 +162,7 @@ def _prepare_output(config: DemoConfig) -> Path:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BrnError(f"cannot create output folder {out} ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise BrnError(f"output folder {out} is not writable")
-    return out
+    return ensure_output_dir(out)
 
 
 def _validate(config: DemoConfig) -> None:

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import ensure_output_dir
 from .errors import BrnError
 
 if TYPE_CHECKING:  # torch is imported inside the functions, so `brn --help` stays fast
@@ -389,12 +390,7 @@ def _prepare_run_dir(config: FinetuneConfig, resuming: bool) -> Path:
         raise BrnError(f"output {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not resuming and not config.force:
         raise BrnError(f"output folder {run_dir} is not empty; pass --resume {run_dir} or --force")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BrnError(f"cannot create output folder {run_dir} ({exc.strerror or exc})") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise BrnError(f"output folder {run_dir} is not writable")
+    ensure_output_dir(run_dir)
     if config.force and not resuming:
         for name in (LAST, BEST, METRICS, CURVES, CONFIG):  # a fresh run: no stale files from an old one
             with contextlib.suppress(FileNotFoundError):
