@@ -646,7 +646,7 @@ def finetune_cmd(
     normalize: NormalizeOpt = None,
     device: DeviceOpt = "auto",
     amp: Annotated[
-        str, typer.Option("--amp", help="off, bf16 or fp16 (fp16: CUDA, with GradScaler).")
+        str, typer.Option("--amp", help="off, bf16 or fp16 (fp16: with a GradScaler; meant for GPUs).")
     ] = "off",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC memory format.")] = False,
     compile_model: Annotated[

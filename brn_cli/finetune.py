@@ -4,7 +4,7 @@ One training loop, readable top to bottom in :func:`run_finetune`. Each iteratio
 
     batch  = sampler(seed, epoch)[batch_index]          # data order: a pure function of (seed, epoch, index)
     loss   = cross_entropy(model(x), y)                 # renorm layers use r, d clipped at rmax(step), dmax(step)
-    step  += 1; lr, rmax, dmax <- schedules(step)       # every schedule is a function of the optimizer step
+    step  += 1; lr, rmax, dmax <- schedules(updates)    # every schedule is a function of the optimizer step
 
 Why it is written this way:
 
@@ -14,6 +14,10 @@ Why it is written this way:
   minibatch statistics differ systematically from the population's, BatchNorm's training function drifts
   away from its inference function, and inference accuracy collapses; Batch Renorm trains the function it
   will use at inference (r, d correct the minibatch statistics towards the moving averages).
+* ``step`` counts iterations (batches drawn; it decides --steps, --eval-every, --save-every and the data
+  position); ``updates`` counts optimizer steps actually applied (an ``optimizer.step`` post-hook of
+  :class:`~brn_cli.schedule.RenormScheduler`). The two differ only under ``--amp fp16``, whose GradScaler
+  skips the update of a step with inf/NaN gradients: that step must not move the lr, rmax or dmax either.
 * Exact resume. Everything that decides the trajectory is either a pure function of the step (lr, rmax,
   dmax, the data order) or saved in ``last.pt``: weights and running statistics, optimizer state, GradScaler
   state, the RNG states (torch CPU/CUDA, numpy, python ``random``), the sampler position (epoch, batch index)
@@ -544,8 +548,12 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             )
         config = dataclasses.replace(config, batch_size=global_batch // runtime.world_size)
         _validate(config)
-    if config.amp == "fp16" and not runtime.is_cuda:
-        raise BrnError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+    if config.amp == "fp16" and not runtime.is_cuda and runtime.is_main:
+        import sys
+
+        sys.stderr.write(
+            "note: --amp fp16 on a CPU runs, but is usually slower than fp32 there; it is meant for GPUs\n"
+        )
     # ---- data ----------------------------------------------------------------------------------------
     data = load_data(config.data, val_split=config.val_split, normalize=config.normalize, seed=config.seed)
     sampler = LabelBatchSampler(
@@ -590,12 +598,14 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     optimizer = _make_optimizer(model, config)
     rmax_spec = config.rmax_schedule
     dmax_spec = config.dmax_schedule if config.dmax_schedule is not None else config.rmax_schedule
+    # renorm.step counts applied optimizer updates (its post-hook): lr, rmax and dmax all follow it
     renorm = RenormScheduler(
         model,
         parse_schedule(rmax_spec, kind="rmax", total_steps=total_steps),
         parse_schedule(dmax_spec, kind="dmax", total_steps=total_steps),
-    )  # driven by hand below (renorm.step = step) so lr, rmax, dmax and data all follow one counter
-    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+        optimizer=optimizer,
+    )
+    scaler = torch.amp.GradScaler(runtime.device.type) if config.amp == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     forward = runtime.wrap(torch.compile(model) if config.compile else model)
 
@@ -634,7 +644,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         if runtime.is_main:
             _truncate_metrics(metrics_path, step)
     resumed_from = step if resume_state is not None else None
-    renorm.step = step
     rmax, dmax = renorm.apply()
 
     def training_state() -> dict[str, Any]:
@@ -734,7 +743,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                 if config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 lr = lr_at(
-                    step,
+                    renorm.step,
                     base_lr=config.lr,
                     total_steps=total_steps,
                     warmup_steps=config.warmup_steps,
@@ -766,10 +775,11 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                 else:
                     loss.backward()
                     optimizer.step()
-                step += 1
+                step += (
+                    1  # renorm.step (updates) advanced inside optimizer.step, unless the scaler skipped it
+                )
                 batch_index += 1
-                renorm.step = step
-                rmax, dmax = renorm.apply()
+                rmax, dmax = renorm.values()
 
                 # bookkeeping on the device; synced only at log time
                 loss_sum += loss.detach() * y.shape[0]
@@ -795,6 +805,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                         "lr": lr,
                         "rmax": rmax,
                         "dmax": dmax,
+                        "skipped_updates": step - renorm.step,
                         **collect_telemetry(model),
                     }
                     window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
@@ -857,6 +868,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         "val_accuracy": last_eval.get("val_accuracy"),
         "rmax": rmax,
         "dmax": dmax,
+        "skipped_updates": step - renorm.step,
         "renorm_layers": n_layers,
     }
     return FinetuneResult(

@@ -519,3 +519,82 @@ def test_evaluate_and_calibrate_use_the_normalization_the_run_recorded(bn_checkp
     cal = tmp_path / "cal.pt"
     assert run_cli("calibrate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "-o", str(cal)).code == 0
     assert torch.load(cal, weights_only=True)["preprocessing"] == {"normalize": norm}
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward; an all-inf gradient backward (what an fp16 overflow looks like to a GradScaler)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+class InfGradientFirst(nn.Sequential):
+    """tiny_cnn (same state_dict keys) whose first `bad` training forwards get inf gradients; with `term_at`,
+    the process sends itself SIGTERM during that training forward (as a user stopping the run would)."""
+
+    def __init__(self, bad: int = 2, term_at: int = 0, **kwargs) -> None:
+        super().__init__(*tiny_cnn(**kwargs))
+        self.bad, self.term_at, self.forwards = bad, term_at, 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            self.forwards += 1
+            if self.forwards == self.term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if self.bad > 0:
+                self.bad -= 1
+                out = _InfGradient.apply(out)
+        return out
+
+
+def test_fp16_skipped_updates_do_not_advance_the_schedules(bn_checkpoint, tmp_path, one_thread):
+    """--amp fp16 (GradScaler; on the CPU here): a step whose gradients overflow changes no weight and moves
+    neither lr nor rmax/dmax; the scaler's state is saved and restored on resume; statistics stay fp32."""
+    from brn_cli.finetune import FinetuneInterrupted
+
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(
+        checkpoint=str(bn_checkpoint),
+        data=str(SAMPLE_DATA),
+        output=str(out),
+        arch="test_finetune:InfGradientFirst",
+        arch_kwargs={"term_at": 6},
+        steps=9,
+        amp="fp16",
+        lr=0.01,
+        warmup_steps=4,
+        lr_schedule="constant",
+        rmax_schedule="0:1,4:3",
+        dmax_schedule="0:0,4:2",
+        log_every=1,
+        eval_every=0,
+    )
+    with pytest.raises(FinetuneInterrupted):  # SIGTERM during step 6: saved at step 6
+        run_finetune(cfg, progress=False)
+    records = _train_records(out)
+    assert [r["skipped_updates"] for r in records] == [1, 2, 2, 2, 2, 2]
+    # The limits and lr logged at step s were set for updates = s - skipped: two iterations behind.
+    assert [r["rmax"] for r in records] == [1.0, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert [r["dmax"] for r in records] == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [round(r["lr"], 6) for r in records] == [0.0025, 0.0025, 0.0025, 0.005, 0.0075, 0.01]
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["training"]["step"] == 6 and saved["training"]["renorm_schedule"]["step"] == 4
+    assert saved["training"]["scaler"]["scale"] == 2.0**14  # 2^16 halved once per overflow
+    assert all(
+        v.dtype == torch.float32
+        for k, v in saved["state_dict"].items()
+        if "running" in k or k.endswith("weight")
+    )
+    # The resumed run builds a new model, which overflows twice more: the scale halves from the SAVED value.
+    result = run_finetune(FinetuneConfig(checkpoint="", data="", output="", resume=str(out)), progress=False)
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["training"]["scaler"]["scale"] == 2.0**12
+    assert saved["training"]["renorm_schedule"]["step"] == 9 - 4
+    assert [r["skipped_updates"] for r in _train_records(out)] == [1, 2, 2, 2, 2, 2, 3, 4, 4]
+    assert result.final["rmax"] == 3.0  # rmax(5): held flat after the last knot
