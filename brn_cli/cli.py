@@ -116,17 +116,30 @@ def load(
     )
 
 
-def checkpoint_normalize(given: str | None, ckpt: LoadedCheckpoint) -> str | None:
-    """--normalize as given, else what the checkpoint was fine-tuned with (said on stderr)."""
-    from .data import resolve_normalize
+def checkpoint_preprocessing(
+    ckpt: LoadedCheckpoint,
+    data: str,
+    normalize: str | None,
+    image_size: int | None = None,
+    resize_size: int | None = None,
+) -> dict[str, Any]:
+    """load_data's preprocessing options: those given, else those the checkpoint was fine-tuned with (said on
+    stderr; a model scores at chance on inputs prepared differently)."""
+    from .data import is_image_folder, resolve_normalize
 
-    recorded = ckpt.preprocessing.get("normalize")
-    chosen = resolve_normalize(given, recorded)
-    if given is None and chosen is not None:
+    recorded = ckpt.preprocessing
+    chosen = resolve_normalize(normalize, recorded.get("normalize"))
+    if normalize is None and chosen is not None:
         err.print(
             f"note: inputs normalized with {chosen}, as recorded in {ckpt.path.name} (--normalize to change)"
         )
-    return chosen
+    if image_size is None and recorded.get("image_size") and is_image_folder(data):
+        image_size, resize_size = int(recorded["image_size"]), recorded.get("resize_size")
+        err.print(
+            f"note: images resized to {resize_size} and center-cropped to {image_size}, as recorded in "
+            f"{ckpt.path.name} (--image-size to change)"
+        )
+    return {"normalize": chosen, "image_size": image_size, "resize_size": resize_size}
 
 
 def print_json(obj: Any) -> None:
@@ -362,6 +375,18 @@ NormalizeOpt = Annotated[
         "default to the normalization recorded in a fine-tuned checkpoint.",
     ),
 ]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--image-size",
+        help="ImageFolder data: center-crop S x S after resizing the shorter side to --resize-size. evaluate "
+        "and calibrate default to the size recorded in a fine-tuned checkpoint.",
+    ),
+]
+ResizeSizeOpt = Annotated[
+    int | None,
+    typer.Option("--resize-size", help="Shorter side before the --image-size crop (default S / 0.875)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the batch order and of --val-split.")]
 
@@ -435,6 +460,8 @@ def evaluate_cmd(
     device: DeviceOpt = "auto",
     val_split: ValSplitOpt = None,
     normalize: NormalizeOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize_size: ResizeSizeOpt = None,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -449,7 +476,12 @@ def evaluate_cmd(
     sampler = parse_sampler(sampler)
     dev = resolve_device(device)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    bundle = load_data(data, val_split=val_split, normalize=checkpoint_normalize(normalize, ckpt), seed=seed)
+    bundle = load_data(
+        data,
+        val_split=val_split,
+        seed=seed,
+        **checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size),
+    )
     result = evaluate_data(
         ckpt.model,
         bundle,
@@ -504,6 +536,8 @@ def calibrate_cmd(
     device: DeviceOpt = "auto",
     val_split: ValSplitOpt = None,
     normalize: NormalizeOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize_size: ResizeSizeOpt = None,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -523,7 +557,12 @@ def calibrate_cmd(
     check_writable(output, force=force)
     dev = resolve_device(device)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    bundle = load_data(data, val_split=val_split, normalize=checkpoint_normalize(normalize, ckpt), seed=seed)
+    bundle = load_data(
+        data,
+        val_split=val_split,
+        seed=seed,
+        **checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size),
+    )
     shifts, used = calibrate_data(
         ckpt.model,
         bundle,
@@ -644,6 +683,8 @@ def finetune_cmd(
     ] = "iid",
     val_split: ValSplitOpt = None,
     normalize: NormalizeOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize_size: ResizeSizeOpt = None,
     device: DeviceOpt = "auto",
     amp: Annotated[
         str, typer.Option("--amp", help="off, bf16 or fp16 (fp16: with a GradScaler; meant for GPUs).")
@@ -736,6 +777,8 @@ def finetune_cmd(
         sampler=sampler,
         val_split=val_split,
         normalize=normalize,
+        image_size=image_size,
+        resize_size=resize_size,
         device=device,
         amp=amp,
         channels_last=channels_last,

@@ -4,8 +4,12 @@ Data specs (:func:`load_data`):
   * an ``.npz`` with ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``. uint8 images become
     float32 in [0, 1] (/255); float arrays are used as they are. Layout NCHW, NHWC (detected when the last
     axis has 1, 3 or 4 entries and axis 1 does not), N x H x W (one channel added) or flat N x F features;
-  * an ImageFolder-layout directory with ``train/`` and ``val/`` subfolders (torchvision ImageFolder; every
-    image resized to the first training image's size, so mixed sizes batch; ToTensor);
+  * an ImageFolder-layout directory with ``train/`` and ``val/`` subfolders (torchvision ImageFolder;
+    ToTensor). ``--image-size S`` resizes each image's shorter side to ``--resize-size R`` (default
+    round(S / 0.875), torchvision's 224 -> 256) and center-crops S x S, as torchvision's classification
+    presets do at evaluation; the same deterministic transform serves training (no augmentation, so a run
+    replays exactly). Without it every image is resized to the first training image's size, so folders of
+    mixed sizes still batch;
   * ``package.module:callable`` returning ``(train_dataset, val_dataset)`` (val may be None).
 
 ``--normalize MEAN,STD`` (or M1,M2,M3,S1,S2,S3 per channel) maps x -> (x - mean) / std after the [0, 1]
@@ -39,7 +43,9 @@ __all__ = [
     "DataBundle",
     "LabelBatchSampler",
     "dataset_labels",
+    "default_resize_size",
     "eval_loader",
+    "is_image_folder",
     "load_data",
     "make_loader",
     "parse_normalize",
@@ -360,7 +366,27 @@ def _wrap_datasets(
     return DataBundle(train, val, y_train, y_val, num_classes, shape, desc)
 
 
-def _load_image_folder(path: Path, val_split: float | None, norm, seed: int) -> DataBundle:
+def default_resize_size(image_size: int) -> int:
+    """torchvision's classification presets: resize the shorter side to crop / 0.875 (224 -> 256)."""
+    return round(image_size / 0.875)
+
+
+def _check_image_size(image_size: int | None, resize_size: int | None) -> None:
+    if image_size is None:
+        if resize_size is not None:
+            raise BrnError("--resize-size needs --image-size (the crop it is resized for)")
+        return
+    if image_size < 1:
+        raise BrnError(f"--image-size must be >= 1, got {image_size}")
+    if resize_size is not None and resize_size < image_size:
+        raise BrnError(
+            f"--resize-size {resize_size} is smaller than --image-size {image_size}: nothing to crop"
+        )
+
+
+def _load_image_folder(
+    path: Path, val_split: float | None, norm, seed: int, image_size: int | None, resize_size: int | None
+) -> DataBundle:
     try:
         from torchvision import datasets, transforms
     except ImportError:
@@ -375,21 +401,25 @@ def _load_image_folder(path: Path, val_split: float | None, norm, seed: int) -> 
         raise BrnError(f"{path}: {first_line(exc, 200)}") from None
     if val is not None and val.classes != train.classes:
         raise BrnError(f"{path}: train/ and val/ have different class folders")
-    # Every image is resized to the first training image's size, so folders of mixed sizes still batch.
-    try:
-        width, height = train.loader(train.samples[0][0]).size
-    except Exception as exc:  # PIL.UnidentifiedImageError, OSError
-        raise BrnError(f"{path}: cannot read {train.samples[0][0]} ({type(exc).__name__})") from None
-    steps: list[Any] = [transforms.Resize((height, width)), transforms.ToTensor()]
+    if image_size is not None:
+        resize = resize_size if resize_size is not None else default_resize_size(image_size)
+        steps: list[Any] = [transforms.Resize(resize), transforms.CenterCrop(image_size)]
+        how = f"shorter side resized to {resize}, center-cropped to {image_size}x{image_size}"
+    else:  # every image resized to the first training image's size, so folders of mixed sizes still batch
+        try:
+            width, height = train.loader(train.samples[0][0]).size
+        except Exception as exc:  # PIL.UnidentifiedImageError, OSError
+            raise BrnError(f"{path}: cannot read {train.samples[0][0]} ({type(exc).__name__})") from None
+        steps = [transforms.Resize((height, width))]
+        how = f"images resized to {height}x{width}"
+    steps.append(transforms.ToTensor())
     if norm is not None:
         steps.append(transforms.Normalize(norm[0].tolist(), norm[1].tolist()))
     train.transform = transforms.Compose(steps)
     if val is not None:
         val.transform = train.transform
     # Normalization is in the transform already.
-    return _wrap_datasets(
-        train, val, val_split, None, seed, f"{path.name} (images resized to {height}x{width})"
-    )
+    return _wrap_datasets(train, val, val_split, None, seed, f"{path.name} ({how})")
 
 
 def _load_callable(spec: str, val_split: float | None, norm, seed: int) -> DataBundle:
@@ -402,20 +432,36 @@ def _load_callable(spec: str, val_split: float | None, norm, seed: int) -> DataB
     return _wrap_datasets(train, val, val_split, norm, seed, spec)
 
 
+def is_image_folder(spec: str | os.PathLike) -> bool:
+    """Whether a data spec names an ImageFolder-layout directory (the only kind --image-size applies to)."""
+    return Path(str(spec)).is_dir()
+
+
 def load_data(
-    spec: str | os.PathLike, *, val_split: float | None = None, normalize: str | None = None, seed: int = 0
+    spec: str | os.PathLike,
+    *,
+    val_split: float | None = None,
+    normalize: str | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    resize_size: int | None = None,
 ) -> DataBundle:
     """Load a data spec (see the module docstring) into a :class:`DataBundle`. Bad input -> BrnError."""
     _check_split(val_split)
+    _check_image_size(image_size, resize_size)
     norm = parse_normalize(normalize)
     text = str(spec)
     path = Path(text)
+    if image_size is not None and not path.is_dir():
+        raise BrnError(
+            f"--image-size applies to ImageFolder directories; prepare {path.name} at the size the model needs"
+        )
     if path.suffix == ".npz" or (path.is_file() and not path.is_dir()):
         if not path.exists():
             raise BrnError(f"--data {text}: no such file")
         return _load_npz(path, val_split, norm, seed)
     if path.is_dir():
-        return _load_image_folder(path, val_split, norm, seed)
+        return _load_image_folder(path, val_split, norm, seed, image_size, resize_size)
     if ":" in text and not path.exists():
         return _load_callable(text, val_split, norm, seed)
     raise BrnError(

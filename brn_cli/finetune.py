@@ -110,6 +110,8 @@ class FinetuneConfig:
     sampler: str = "iid"
     val_split: float | None = None
     normalize: str | None = None
+    image_size: int | None = None  # ImageFolder data: center crop S x S after resizing the shorter side
+    resize_size: int | None = None  # ... to this (None: round(S / 0.875))
     device: str = "auto"
     amp: str = "off"
     channels_last: bool = False
@@ -555,7 +557,14 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             "note: --amp fp16 on a CPU runs, but is usually slower than fp32 there; it is meant for GPUs\n"
         )
     # ---- data ----------------------------------------------------------------------------------------
-    data = load_data(config.data, val_split=config.val_split, normalize=config.normalize, seed=config.seed)
+    data = load_data(
+        config.data,
+        val_split=config.val_split,
+        normalize=config.normalize,
+        seed=config.seed,
+        image_size=config.image_size,
+        resize_size=config.resize_size,
+    )
     sampler = LabelBatchSampler(
         data.train_labels,
         config.batch_size,
@@ -685,7 +694,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             command="finetune",
             **{
                 **loaded.lineage(),
-                "preprocessing": {"normalize": config.normalize} if config.normalize else None,
+                "preprocessing": _preprocessing(config),
             },
             training=training_state(),
         )
@@ -882,6 +891,19 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         seconds=time.time() - t_start,
         files=sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")),
     )
+
+
+def _preprocessing(config: FinetuneConfig) -> dict[str, Any] | None:
+    """How the run prepared its inputs, recorded in its checkpoints so evaluate/calibrate repeat it."""
+    from .data import default_resize_size
+
+    recorded: dict[str, Any] = {}
+    if config.normalize:
+        recorded["normalize"] = config.normalize
+    if config.image_size is not None:
+        recorded["image_size"] = config.image_size
+        recorded["resize_size"] = config.resize_size or default_resize_size(config.image_size)
+    return recorded or None
 
 
 def _plot_curves(metrics_path: Path, out_png: Path) -> None:

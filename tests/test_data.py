@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -228,3 +229,105 @@ def test_image_folder_without_train_folder_is_one_clear_error(tmp_path):
     (tmp_path / "val").mkdir()
     with pytest.raises(BrnError, match="train/"):
         load_data(str(tmp_path))
+
+
+def _write_band_images(root, sizes) -> None:
+    """Two classes of RGB images (width x height given): red margins around a green central band."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                img = np.zeros((h, w, 3), np.uint8)
+                img[..., 0] = 255  # red everywhere ...
+                band = slice(w // 6, w - w // 6) if w >= h else slice(h // 6, h - h // 6)
+                if w >= h:
+                    img[:, band] = (0, 255, 0)  # ... except a green band across the middle of the long side
+                else:
+                    img[band, :] = (0, 255, 0)
+                Image.fromarray(img).save(folder / f"{i}.png")
+
+
+def test_image_size_resizes_the_shorter_side_and_center_crops(tmp_path):
+    """--image-size S: shorter side to round(S/0.875), then the central S x S, as torchvision's presets. The
+    crop keeps 0.875 of the shorter side around the centre: all green here, while the whole-image resize
+    (no --image-size) keeps the red margins."""
+    from brn_cli.data import default_resize_size
+
+    _write_band_images(tmp_path, [(120, 60), (60, 120), (90, 90)])
+    assert default_resize_size(224) == 256 and default_resize_size(16) == 18
+    bundle = load_data(str(tmp_path), image_size=16)
+    assert bundle.sample_shape == (3, 16, 16) and "center-cropped to 16x16" in bundle.description
+    for i in range(len(bundle.train)):
+        x, _ = bundle.train[i]
+        assert x.shape == (3, 16, 16)
+        if i % 3 != 2:  # the long images: only the green band survives the crop
+            assert float(x[1].min()) > 0.95 and float(x[0].max()) < 0.05, i
+    x, _ = bundle.val[0]
+    assert x.shape == (3, 16, 16)
+    whole = load_data(str(tmp_path))  # resized to 60x120 whole: the red margins remain
+    assert float(whole.train[0][0][0].max()) > 0.95
+    # An explicit --resize-size equal to the crop keeps the whole shorter side (margins of the long side go).
+    tight = load_data(str(tmp_path), image_size=16, resize_size=16)
+    assert tight.sample_shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 0}, "--image-size must be >= 1"),
+        ({"image_size": 16, "resize_size": 8}, "smaller than --image-size"),
+        ({"resize_size": 20}, "--resize-size needs --image-size"),
+    ],
+)
+def test_image_size_bad_values(tmp_path, kwargs, message):
+    _write_band_images(tmp_path, [(30, 20)])
+    with pytest.raises(BrnError, match=message):
+        load_data(str(tmp_path), **kwargs)
+
+
+def test_image_size_is_for_image_folders_only():
+    with pytest.raises(BrnError, match="applies to ImageFolder directories"):
+        load_data(str(SAMPLE_DATA), image_size=28)
+
+
+def tiny_rgb(num_classes: int = 2) -> nn.Module:
+    """Conv-BN-ReLU, global pooling, a linear classifier: takes RGB images of any size."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, num_classes),
+    )
+
+
+def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_cli):
+    _write_band_images(tmp_path / "data", [(48, 24), (24, 48), (30, 30), (36, 30)])
+    torch.manual_seed(0)
+    torch.save(tiny_rgb().state_dict(), tmp_path / "bn.pt")
+    run = tmp_path / "run"
+    common = ["--data", str(tmp_path / "data"), "--arch", "test_data:tiny_rgb"]
+    result = run_cli(
+        "finetune", tmp_path / "bn.pt", *common, "-o", run, "--image-size", "12", "--steps", "2",
+        "--batch-size", "4", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    saved = torch.load(run / "best.pt", weights_only=True)
+    assert saved["preprocessing"] == {"image_size": 12, "resize_size": 14}
+    assert saved["input_shape"] == [2, 3, 12, 12]
+    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--json")
+    assert result.code == 0, result.err
+    assert "center-cropped to 12, as recorded in best.pt" in result.err
+    assert "center-cropped to 12x12" in json.loads(result.out)["data"]
+    # Given on the command line, the option wins; on non-folder data it is one clear error.
+    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--image-size", "20", "--json")
+    assert result.code == 0 and "center-cropped to 20x20" in json.loads(result.out)["data"]
+    result = run_cli("evaluate", run / "best.pt", "--data", SAMPLE_DATA, "--image-size", "20")
+    assert result.code == 2 and result.err_lines == [
+        "brn: error: --image-size applies to ImageFolder directories; prepare mnist_5k.npz at the size the model "
+        "needs"
+    ]
