@@ -551,18 +551,14 @@ def calibrate_cmd(
     from .calibrate import calibrate_data
     from .checkpoint import save_brn_checkpoint
     from .convert import infer_input_shape
-    from .data import load_data
+    from .data import load_data, preprocessing_record
     from .evaluate import resolve_device
 
     check_writable(output, force=force)
     dev = resolve_device(device)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    bundle = load_data(
-        data,
-        val_split=val_split,
-        seed=seed,
-        **checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size),
-    )
+    preprocessing = checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size)
+    bundle = load_data(data, val_split=val_split, seed=seed, **preprocessing)
     shifts, used = calibrate_data(
         ckpt.model,
         bundle,
@@ -581,7 +577,8 @@ def calibrate_cmd(
         force=force,
         input_shape=shape,
         command="calibrate",
-        **ckpt.lineage(),
+        # The statistics were measured on inputs prepared this way: the new checkpoint records that.
+        **{**ckpt.lineage(), "preprocessing": preprocessing_record(**preprocessing)},
     )
     result = {
         "source": str(checkpoint),

@@ -50,6 +50,7 @@ __all__ = [
     "make_loader",
     "parse_normalize",
     "parse_sampler",
+    "preprocessing_record",
     "set_microbatch",
 ]
 
@@ -369,6 +370,21 @@ def _wrap_datasets(
 def default_resize_size(image_size: int) -> int:
     """torchvision's classification presets: resize the shorter side to crop / 0.875 (224 -> 256)."""
     return round(image_size / 0.875)
+
+
+def preprocessing_record(
+    normalize: str | None = None, image_size: int | None = None, resize_size: int | None = None
+) -> dict[str, Any] | None:
+    """The ``preprocessing`` entry of a checkpoint for inputs prepared with these options (None: nothing)."""
+    record: dict[str, Any] = {}
+    if normalize and normalize.strip().lower() != "none":
+        record["normalize"] = normalize
+    if image_size is not None:
+        record["image_size"] = int(image_size)
+        record["resize_size"] = (
+            int(resize_size) if resize_size is not None else default_resize_size(image_size)
+        )
+    return record or None
 
 
 def _check_image_size(image_size: int | None, resize_size: int | None) -> None:

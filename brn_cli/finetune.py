@@ -510,7 +510,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     import torch.nn.functional as F
 
     from .checkpoint import make_brn_checkpoint, save_checkpoint_dict
-    from .data import LabelBatchSampler, eval_loader, load_data, parse_sampler
+    from .data import LabelBatchSampler, eval_loader, load_data, parse_sampler, preprocessing_record
     from .evaluate import evaluate
     from .layer import collect_telemetry
     from .schedule import RenormScheduler, parse_schedule
@@ -694,7 +694,9 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             command="finetune",
             **{
                 **loaded.lineage(),
-                "preprocessing": _preprocessing(config),
+                "preprocessing": preprocessing_record(
+                    config.normalize, config.image_size, config.resize_size
+                ),
             },
             training=training_state(),
         )
@@ -891,19 +893,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         seconds=time.time() - t_start,
         files=sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")),
     )
-
-
-def _preprocessing(config: FinetuneConfig) -> dict[str, Any] | None:
-    """How the run prepared its inputs, recorded in its checkpoints so evaluate/calibrate repeat it."""
-    from .data import default_resize_size
-
-    recorded: dict[str, Any] = {}
-    if config.normalize:
-        recorded["normalize"] = config.normalize
-    if config.image_size is not None:
-        recorded["image_size"] = config.image_size
-        recorded["resize_size"] = config.resize_size or default_resize_size(config.image_size)
-    return recorded or None
 
 
 def _plot_curves(metrics_path: Path, out_png: Path) -> None:

@@ -331,3 +331,11 @@ def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_c
         "brn: error: --image-size applies to ImageFolder directories; prepare mnist_5k.npz at the size the model "
         "needs"
     ]
+    # calibrate records the preprocessing its statistics were measured with: recorded, or given instead.
+    for extra, expected in (([], 12), (["--image-size", "10"], 10)):
+        out = tmp_path / f"cal{expected}.pt"
+        result = run_cli(
+            "calibrate", run / "best.pt", "--data", tmp_path / "data", "-o", out, "--batch-size", "4", *extra
+        )
+        assert result.code == 0, result.err
+        assert torch.load(out, weights_only=True)["preprocessing"]["image_size"] == expected
