@@ -301,7 +301,7 @@ def convert_cmd(
     if not dry_run:
         original = copy.deepcopy(model)
         convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude)
-        shape = shape or ckpt.input_shape or infer_input_shape(model)
+        shape = shape or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
         if shape is None:
             raise BrnError("cannot infer an input shape from the first layer; pass --input-shape")
         try:
@@ -570,7 +570,7 @@ def calibrate_cmd(
         progress=not as_json,
     )
     model = ckpt.model.cpu()
-    shape = ckpt.input_shape or infer_input_shape(model)
+    shape = ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
     save_brn_checkpoint(
         model,
         output,
@@ -939,7 +939,11 @@ def export_onnx_cmd(
         raise BrnError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
     check_writable(output, force=force)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    shape = parse_shape(input_shape) or ckpt.input_shape or infer_input_shape(ckpt.model)
+    shape = (
+        parse_shape(input_shape)
+        or ckpt.input_shape
+        or infer_input_shape(ckpt.model, arch_spec=ckpt.arch_spec)
+    )
     if shape is None:
         raise BrnError("cannot infer an input shape; pass --input-shape, e.g. 2,3,224,224")
     stages = 2 + (not no_fold) + (not no_verify) + benchmark
@@ -1014,7 +1018,9 @@ def export_state_dict_cmd(
     model = ckpt.model.eval()
     check = None
     if ckpt.arch_spec is not None:
-        shape = parse_shape(input_shape) or ckpt.input_shape or infer_input_shape(model)
+        shape = (
+            parse_shape(input_shape) or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
+        )
         fresh = build_arch(ckpt.arch_spec, ckpt.arch_kwargs)
         check = check_state_dict_roundtrip(plain_state_dict(model), fresh, model, shape)
         diff = check["max_abs_diff"]

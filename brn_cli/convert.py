@@ -253,18 +253,24 @@ def restore_batchnorm(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 
-def infer_input_shape(model: nn.Module, batch: int = 2) -> list[int] | None:
-    """Guess an input shape from the first Conv/Linear module (module order: only a guess)."""
+def infer_input_shape(model: nn.Module, batch: int = 2, arch_spec: str | None = None) -> list[int] | None:
+    """Guess an input shape: channels from the first Conv/Linear module (module order: only a guess), the
+    image size from the architecture's own metadata where it has some (timm's ``pretrained_cfg``,
+    torchvision's weight presets: 240 for efficientnet_b1, 299 for inception_v3), else a default."""
+    shape = _shape_from_first_module(model, batch)
+    size = _architecture_image_size(model, arch_spec)
+    if shape is not None and size is not None and len(shape) in (4, 5):
+        shape[-2:] = list(size)
+    return shape
+
+
+def _shape_from_first_module(model: nn.Module, batch: int) -> list[int] | None:
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
             return [batch, module.in_channels, 64]
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            return [
-                batch,
-                module.in_channels,
-                224 if module.in_channels == 3 else 32,
-                224 if module.in_channels == 3 else 32,
-            ]
+            side = 224 if module.in_channels == 3 else 32
+            return [batch, module.in_channels, side, side]
         if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
             return [batch, module.in_channels, 8, 64, 64]
         if isinstance(module, nn.Linear):
@@ -273,6 +279,26 @@ def infer_input_shape(model: nn.Module, batch: int = 2) -> list[int] | None:
             if isinstance(module, (nn.BatchNorm1d, BatchRenorm1d)):
                 return [batch, module.num_features]
             return None
+    return None
+
+
+def _architecture_image_size(model: nn.Module, arch_spec: str | None) -> tuple[int, int] | None:
+    """(H, W) the architecture is meant for, from metadata that ships with the code (nothing is fetched)."""
+    cfg = getattr(model, "pretrained_cfg", None)  # timm models carry their default input size
+    if isinstance(cfg, dict):
+        size = cfg.get("input_size")
+        if isinstance(size, (tuple, list)) and len(size) >= 3:
+            return int(size[-2]), int(size[-1])
+    if arch_spec and arch_spec.startswith("torchvision:"):
+        try:
+            from torchvision.models import get_model_weights
+
+            preset = get_model_weights(arch_spec.split(":", 1)[1]).DEFAULT.transforms
+            crop = preset.keywords["crop_size"]
+        except Exception:  # no weights registered, another preset, or no torchvision: fall back to a default
+            return None
+        crop = list(crop) if isinstance(crop, (tuple, list)) else [crop]
+        return (int(crop[0]), int(crop[-1])) if crop else None
     return None
 
 

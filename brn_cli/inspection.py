@@ -82,7 +82,7 @@ def stats_health(module: nn.Module) -> str:
 def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) -> InspectReport:
     """Describe every normalization layer of a loaded checkpoint, with its fold decision and health."""
     model = ckpt.model
-    shape = input_shape or ckpt.input_shape or infer_input_shape(model)
+    shape = input_shape or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
     report = InspectReport(
         path=str(ckpt.path),
         file_format=ckpt.file_format,

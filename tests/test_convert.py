@@ -175,3 +175,21 @@ def test_model_without_batchnorm_plans_nothing_and_a_bare_bn_converts():
     assert isinstance(new, BatchRenorm1d)
     x = torch.randn(4, 3)
     torch.testing.assert_close(new.eval()(x), bare(x), rtol=0, atol=0)
+
+
+def test_input_shape_comes_from_the_architectures_metadata():
+    """Image size from timm's pretrained_cfg or torchvision's weight presets (shipped with the code, nothing
+    fetched); channels from the first conv; the old default where no metadata exists."""
+    import timm
+    import torchvision
+
+    from brn_cli.convert import infer_input_shape
+
+    timm_model = timm.create_model("efficientnet_b1", pretrained=False, num_classes=10)
+    assert infer_input_shape(timm_model) == [2, 3, 240, 240]
+    tv_model = torchvision.models.efficientnet_b3(num_classes=10)
+    assert infer_input_shape(tv_model) == [2, 3, 224, 224]  # no spec: nothing says otherwise
+    assert infer_input_shape(tv_model, arch_spec="torchvision:efficientnet_b3") == [2, 3, 300, 300]
+    video = torchvision.models.video.r3d_18(num_classes=4)
+    assert infer_input_shape(video, arch_spec="torchvision:r3d_18") == [2, 3, 8, 112, 112]
+    assert infer_input_shape(video, arch_spec="torchvision:no_such_model") == [2, 3, 8, 64, 64]
