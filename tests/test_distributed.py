@@ -467,3 +467,41 @@ def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
     diff = _max_diff(ckpt["state_dict"], _model_state(tmp_path / "ref6" / "last.pt"))
     print(f"max |diff| {diff:.3g}")  # shown with pytest -s
     assert diff < 1e-5, diff
+
+
+def test_finetune_on_two_nodes_with_local_stats(ft_files, tmp_path, torchrun_env):
+    """Two torchrun agents joined through the c10d rendezvous, as on two machines (here both on localhost,
+    one process each: LOCAL_RANK is 0 on both, so only RANK may decide who writes). `--stats-sync local`:
+    each rank normalizes its own 16 examples, which is one process normalizing microbatches of 16."""
+    from brn_cli.finetune import run_finetune
+
+    ref = run_finetune(_ft_config(ft_files, tmp_path / "ref", microbatch=16), progress=False)
+    out, port = tmp_path / "nodes", _free_port()
+    args = [
+        "-m", "brn_cli", "finetune", ft_files / "bn.pt", "--data", ft_files / "data.npz", "-o", out,
+        "--arch", "test_distributed:tiny_mlp", "--steps", "8", "--batch-size", "16", "--lr", "0.05",
+        "--lr-schedule", "constant", "--rmax-schedule", "1.5", "--dmax-schedule", "0.5", "--momentum", "0.1",
+        "--eval-every", "4", "--save-every", "4", "--log-every", "2", "--device", "cpu",
+        "--stats-sync", "local", "--json",
+    ]  # fmt: skip
+    node = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"brn-test-{port}",
+        "--rdzv-conf", "join_timeout=60", *[str(a) for a in args],
+    ]  # fmt: skip
+    procs = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    printed = [stdout for stdout, _ in outputs if stdout.strip()]
+    assert len(printed) == 1  # global rank 0 alone reports
+    summary = json.loads(printed[0])
+    assert summary["steps"] == 8
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]  # written once
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["training"]["world_size"] == 2
+    diff = _max_diff(saved["state_dict"], _model_state(tmp_path / "ref" / "last.pt"))
+    print(f"max |diff| {diff:.3g}")  # shown with pytest -s
+    assert diff < 1e-5, diff
+    assert abs(summary["final"]["val_accuracy"] - ref.final["val_accuracy"]) < 1e-9
