@@ -134,7 +134,8 @@ def checkpoint_preprocessing(
             f"note: inputs normalized with {chosen}, as recorded in {ckpt.path.name} (--normalize to change)"
         )
     if image_size is None and recorded.get("image_size") and is_image_folder(data):
-        image_size, resize_size = int(recorded["image_size"]), recorded.get("resize_size")
+        image_size = int(recorded["image_size"])
+        resize_size = resize_size if resize_size is not None else recorded.get("resize_size")
         err.print(
             f"note: images resized to {resize_size} and center-cropped to {image_size}, as recorded in "
             f"{ckpt.path.name} (--image-size to change)"

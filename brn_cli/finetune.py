@@ -786,9 +786,8 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                 else:
                     loss.backward()
                     optimizer.step()
-                step += (
-                    1  # renorm.step (updates) advanced inside optimizer.step, unless the scaler skipped it
-                )
+                # renorm.step (updates) advanced inside optimizer.step, unless the scaler skipped it
+                step += 1
                 batch_index += 1
                 rmax, dmax = renorm.values()
 
