@@ -683,6 +683,14 @@ def finetune_cmd(
     normalize: NormalizeOpt = None,
     image_size: ImageSizeOpt = None,
     resize_size: ResizeSizeOpt = None,
+    augment: Annotated[
+        str,
+        typer.Option(
+            "--augment",
+            help="Training images: none, flip, or crop-flip (random resized crop, then flip). Seeded per "
+            "example and epoch, so resume and workers do not change it.",
+        ),
+    ] = "none",
     device: DeviceOpt = "auto",
     amp: Annotated[
         str, typer.Option("--amp", help="off, bf16 or fp16 (fp16: with a GradScaler; meant for GPUs).")
@@ -777,6 +785,7 @@ def finetune_cmd(
         normalize=normalize,
         image_size=image_size,
         resize_size=resize_size,
+        augment=augment,
         device=device,
         amp=amp,
         channels_last=channels_last,

@@ -12,6 +12,11 @@ Data specs (:func:`load_data`):
     mixed sizes still batch;
   * ``package.module:callable`` returning ``(train_dataset, val_dataset)`` (val may be None).
 
+``--augment flip|crop-flip`` (fine-tuning only) randomly transforms the training images, never the validation
+ones (:class:`AugmentedDataset`): a horizontal flip with probability 1/2, after a random resized crop for
+``crop-flip``. Each example draws from its own generator seeded by (seed, epoch, index), so the augmentation
+does not depend on worker processes or on where a run was resumed.
+
 ``--normalize MEAN,STD`` (or M1,M2,M3,S1,S2,S3 per channel) maps x -> (x - mean) / std after the [0, 1]
 scaling. ``--val-split F`` holds out a seeded, stratified fraction F of train when there is no validation
 set.
@@ -25,6 +30,7 @@ depends only on the seed, the epoch and the global batch size.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,15 +45,19 @@ from torch.utils.data import Dataset, Sampler
 from .errors import BrnError, first_line
 
 __all__ = [
+    "AUGMENTATIONS",
     "ArrayDataset",
+    "AugmentedDataset",
     "DataBundle",
     "LabelBatchSampler",
     "dataset_labels",
+    "augment_image",
     "default_resize_size",
     "eval_loader",
     "is_image_folder",
     "load_data",
     "make_loader",
+    "parse_augment",
     "parse_normalize",
     "parse_sampler",
     "preprocessing_record",
@@ -116,6 +126,93 @@ class _Normalized(Dataset):
         x = torch.as_tensor(x, dtype=torch.float32)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return (x - self.mean.view(shape)) / self.std.view(shape), int(y)
+
+
+AUGMENTATIONS = ("none", "flip", "crop-flip")
+# Area fraction of a random crop. torchvision's default lower bound (0.08) is meant for training from scratch;
+# fine-tuning an already trained model uses milder crops.
+CROP_SCALE = (0.25, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def parse_augment(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in AUGMENTATIONS:
+        raise BrnError(f"--augment {text!r}: expected one of {', '.join(AUGMENTATIONS)}")
+    return mode
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one example of one epoch (splitmix64 finaliser over the three numbers)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1
+
+
+def random_resized_crop(x: Tensor, generator: torch.Generator) -> Tensor:
+    """torchvision's RandomResizedCrop drawn from `generator`: a box of CROP_SCALE x the area with an aspect
+    ratio log-uniform in CROP_RATIO (10 tries, else the whole image), resized back to x's H x W (bilinear,
+    antialiased). `x` is [C, H, W]."""
+    _, h, w = x.shape
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    top, left, ch, cw = 0, 0, h, w
+    for _ in range(10):
+        area = h * w * uniform(*CROP_SCALE)
+        aspect = math.exp(uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        cand_w, cand_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cand_w <= w and 0 < cand_h <= h:
+            ch, cw = cand_h, cand_w
+            top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+            left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+            break
+    crop = x[:, top : top + ch, left : left + cw]
+    if (ch, cw) == (h, w):
+        return crop
+    out = torch.nn.functional.interpolate(
+        crop[None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True
+    )[0]
+    return out.to(x.dtype)
+
+
+def augment_image(x: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """One example [C, H, W] through `mode` ("none", "flip", "crop-flip"), drawing from `generator`."""
+    if mode == "crop-flip":
+        x = random_resized_crop(x, generator)
+    if mode in ("flip", "crop-flip") and float(torch.rand((), generator=generator)) < 0.5:
+        x = x.flip(-1)
+    return x
+
+
+class AugmentedDataset(Dataset):
+    """Training examples randomly augmented, a pure function of (seed, epoch, example index).
+
+    torchvision's random transforms draw from the global RNG, which DataLoader workers re-seed and which a
+    resumed run has advanced differently; a generator per example keeps augmentation exact across both.
+    Call :meth:`set_epoch` before building each epoch's loader. Flips and bilinear crops commute with the
+    per-channel ``--normalize``, so applying them to normalized tensors is the same as before normalizing.
+    """
+
+    def __init__(self, base: Dataset, mode: str, seed: int, labels: Tensor) -> None:
+        self.base, self.mode, self.seed, self.epoch = base, parse_augment(mode), int(seed), 0
+        self.targets = labels  # dataset_labels() reads these instead of loading every example
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x, y = self.base[index]
+        x = torch.as_tensor(x)
+        if x.dim() != 3:
+            raise BrnError(f"--augment needs image examples [C, H, W]; this data has shape {list(x.shape)}")
+        generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, int(index)))
+        return augment_image(x, self.mode, generator), int(y)
 
 
 class _Subset(Dataset):
@@ -461,8 +558,29 @@ def load_data(
     seed: int = 0,
     image_size: int | None = None,
     resize_size: int | None = None,
+    augment: str = "none",
 ) -> DataBundle:
     """Load a data spec (see the module docstring) into a :class:`DataBundle`. Bad input -> BrnError."""
+    augment = parse_augment(augment)
+    bundle = _load_data(spec, val_split, normalize, seed, image_size, resize_size)
+    if augment != "none":  # the training set only, after any --val-split
+        if len(bundle.sample_shape) != 3:
+            raise BrnError(
+                f"--augment needs image examples [C, H, W]; this data has shape {list(bundle.sample_shape)}"
+            )
+        bundle.train = AugmentedDataset(bundle.train, augment, seed, bundle.train_labels)
+        bundle.description += f", augmented ({augment})"
+    return bundle
+
+
+def _load_data(
+    spec: str | os.PathLike,
+    val_split: float | None,
+    normalize: str | None,
+    seed: int,
+    image_size: int | None,
+    resize_size: int | None,
+) -> DataBundle:
     _check_split(val_split)
     _check_image_size(image_size, resize_size)
     norm = parse_normalize(normalize)

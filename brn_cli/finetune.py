@@ -112,6 +112,7 @@ class FinetuneConfig:
     normalize: str | None = None
     image_size: int | None = None  # ImageFolder data: center crop S x S after resizing the shorter side
     resize_size: int | None = None  # ... to this (None: round(S / 0.875))
+    augment: str = "none"  # training images: none, flip or crop-flip (per-example seeds; see data.py)
     device: str = "auto"
     amp: str = "off"
     channels_last: bool = False
@@ -510,7 +511,14 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     import torch.nn.functional as F
 
     from .checkpoint import make_brn_checkpoint, save_checkpoint_dict
-    from .data import LabelBatchSampler, eval_loader, load_data, parse_sampler, preprocessing_record
+    from .data import (
+        AugmentedDataset,
+        LabelBatchSampler,
+        eval_loader,
+        load_data,
+        parse_sampler,
+        preprocessing_record,
+    )
     from .evaluate import evaluate
     from .layer import collect_telemetry
     from .schedule import RenormScheduler, parse_schedule
@@ -564,6 +572,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         seed=config.seed,
         image_size=config.image_size,
         resize_size=config.resize_size,
+        augment=config.augment,
     )
     sampler = LabelBatchSampler(
         data.train_labels,
@@ -747,6 +756,8 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     with _StopRequest() as stop, bar, peer_failures(dist_ctx, last_checkpoint):
         while step < total_steps and stop.signum is None:
             sampler.set_epoch(epoch)
+            if isinstance(data.train, AugmentedDataset):  # before the loader: workers get a copy
+                data.train.set_epoch(epoch)
             batches = list(sampler)[batch_index:]
             for x, y in _make_loader(data.train, batches, runtime, config.num_workers):
                 x = x.to(runtime.device, non_blocking=True)

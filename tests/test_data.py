@@ -339,3 +339,63 @@ def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_c
         )
         assert result.code == 0, result.err
         assert torch.load(out, weights_only=True)["preprocessing"]["image_size"] == expected
+
+
+def test_augmentation_is_a_pure_function_of_seed_epoch_and_index():
+    from brn_cli.data import augment_image, example_seed, random_resized_crop
+
+    seeds = {example_seed(s, e, i) for s in range(3) for e in range(3) for i in range(50)}
+    assert len(seeds) == 450 and all(0 <= v < 2**63 for v in seeds)
+    x = torch.rand(3, 20, 24)
+
+    def aug(mode, s, e, i):
+        return augment_image(x, mode, torch.Generator().manual_seed(example_seed(s, e, i)))
+
+    flips = [aug("flip", 0, 0, i) for i in range(40)]
+    assert all(torch.equal(f, x) or torch.equal(f, x.flip(-1)) for f in flips)
+    assert 5 < sum(torch.equal(f, x.flip(-1)) for f in flips) < 35  # about half
+    crops = [aug("crop-flip", 0, 0, i) for i in range(20)]
+    assert all(c.shape == x.shape for c in crops)
+    assert torch.equal(aug("crop-flip", 0, 0, 7), crops[7])  # same (seed, epoch, index): same example
+    assert not torch.equal(aug("crop-flip", 0, 1, 7), crops[7])  # next epoch: another draw
+    assert sum(not torch.equal(c, x) and not torch.equal(c, x.flip(-1)) for c in crops) >= 15  # cropped
+    # Bilinear resampling weights sum to 1: a constant image stays constant (so it commutes with --normalize).
+    flat = torch.full((1, 28, 28), 0.3)
+    for i in range(10):
+        out = random_resized_crop(flat, torch.Generator().manual_seed(i))
+        assert torch.allclose(out, flat, atol=1e-6)
+
+
+def test_augment_touches_training_examples_only(tmp_path):
+    from brn_cli.data import AugmentedDataset
+
+    plain = load_data(str(SAMPLE_DATA))
+    bundle = load_data(str(SAMPLE_DATA), augment="crop-flip", seed=3)
+    assert isinstance(bundle.train, AugmentedDataset) and "augmented (crop-flip)" in bundle.description
+    assert torch.equal(bundle.train_labels, plain.train_labels)
+    assert torch.equal(bundle.val[5][0], plain.val[5][0])  # validation: untouched
+    changed = sum(not torch.equal(bundle.train[i][0], plain.train[i][0]) for i in range(20))
+    assert changed >= 15
+    bundle.train.set_epoch(1)
+    loader = make_loader(bundle.train, LabelBatchSampler(bundle.train_labels, 8, "iid", seed=0))
+    x, y = next(iter(loader))
+    assert x.shape == (8, 1, 28, 28) and y.shape == (8,)
+    # --val-split: the held-out part is not augmented either.
+    split_plain = load_data(_flat_free_npz(tmp_path), val_split=0.25)
+    split_aug = load_data(_flat_free_npz(tmp_path), val_split=0.25, augment="flip")
+    assert all(torch.equal(split_aug.val[i][0], split_plain.val[i][0]) for i in range(len(split_plain.val)))
+    with pytest.raises(BrnError, match="--augment 'rotate'"):
+        load_data(str(SAMPLE_DATA), augment="rotate")
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, x_train=np.random.rand(20, 6).astype(np.float32), y_train=np.arange(20) % 2)
+    with pytest.raises(BrnError, match=r"--augment needs image examples \[C, H, W\]"):
+        load_data(str(flat), augment="flip")
+
+
+def _flat_free_npz(tmp_path) -> str:
+    """An image .npz without validation arrays (so --val-split applies)."""
+    path = tmp_path / "images.npz"
+    if not path.exists():
+        digits = np.load(SAMPLE_DATA)
+        np.savez(path, x_train=digits["x_train"][:40], y_train=digits["y_train"][:40])
+    return str(path)

@@ -598,3 +598,43 @@ def test_fp16_skipped_updates_do_not_advance_the_schedules(bn_checkpoint, tmp_pa
     assert saved["training"]["renorm_schedule"]["step"] == 9 - 4
     assert [r["skipped_updates"] for r in _train_records(out)] == [1, 2, 2, 2, 2, 2, 3, 4, 4]
     assert result.final["rmax"] == 3.0  # rmax(5): held flat after the last knot
+
+
+def test_augmented_run_resumes_exactly_with_other_workers(bn_checkpoint, tmp_path, one_thread):
+    """--augment crop-flip: stopped at step 5 (SIGTERM) and resumed with 2 DataLoader workers, the run ends
+    with the weights of an uninterrupted run without workers (each example's crop is seeded by
+    (seed, epoch, index), not by a worker's or the process's RNG)."""
+    from brn_cli.finetune import FinetuneInterrupted
+
+    def config(out: Path, term_at: int) -> FinetuneConfig:
+        return FinetuneConfig(
+            checkpoint=str(bn_checkpoint),
+            data=str(SAMPLE_DATA),
+            output=str(out),
+            arch="test_finetune:InfGradientFirst",
+            arch_kwargs={"bad": 0, "term_at": term_at},
+            steps=8,
+            batch_size=16,
+            lr=0.05,
+            augment="crop-flip",
+            log_every=2,
+        )
+
+    straight = run_finetune(config(tmp_path / "straight", 0), progress=False)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(FinetuneInterrupted):
+        run_finetune(config(stopped, 5), progress=False)
+    assert torch.load(stopped / "last.pt", weights_only=True)["training"]["step"] == 5
+    resume = FinetuneConfig(checkpoint="", data="", output="", resume=str(stopped), num_workers=2)
+    resume.resume_overrides = ["num_workers"]
+    resumed = run_finetune(resume, progress=False)
+    assert resumed.resumed_from == 5 and resumed.steps == 8
+    a, b = _state(tmp_path / "straight" / "last.pt"), _state(stopped / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "augmented resume is not exact"
+    assert straight.final["train_loss"] == resumed.final["train_loss"]
+    # The augmentation did something: the same run without it ends elsewhere.
+    plain = config(tmp_path / "plain", 0)
+    plain.augment = "none"
+    run_finetune(plain, progress=False)
+    c = _state(tmp_path / "plain" / "last.pt")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
