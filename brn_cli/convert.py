@@ -11,11 +11,16 @@ Which modules convert:
     dropout and activation children;
   * skipped, with the reason: layers without running statistics, subclasses that override ``forward`` with
     behaviour brn does not know, names excluded by the user's globs.
+
+A layer selected for conversion whose running statistics hold NaN or inf (or a negative variance), or
+whose eps is not > 0, is refused with its name before anything is replaced: renorm trains from those
+statistics and divides by sigma_B = sqrt(var_B + eps).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,7 +29,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layer import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct, BatchRenormNd
+from .errors import BrnError
+from .layer import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    BatchRenormAct,
+    BatchRenormNd,
+    describe_bad_running_stats,
+)
 from .outputs import flat_outputs
 
 _PLAIN_TARGETS: dict[type, type[BatchRenormNd]] = {
@@ -110,6 +123,41 @@ def plan_conversion(
     return decisions
 
 
+def _unusable(bn: _BatchNorm) -> str | None:
+    """Why a renorm layer cannot start from `bn` (and what to do), or None."""
+    eps = float(bn.eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        return (
+            f"eps is {eps:g}; batch renorm needs eps > 0 (it divides by sqrt(batch variance + eps)): "
+            "build the model with a positive eps, e.g. 1e-5"
+        )
+    problem = describe_bad_running_stats(bn.running_mean, bn.running_var)
+    if problem is not None:
+        return f"{problem}; fix or recalibrate the source (brn calibrate)"
+    return None
+
+
+def check_convertible(model: nn.Module, decisions: Sequence[LayerDecision]) -> None:
+    """Raise BrnError naming the first layer set to convert whose eps or running statistics a renorm
+    layer cannot use (NaN, inf, a negative variance, eps <= 0), and how many more there are."""
+    bad = []
+    for decision in decisions:
+        if decision.action != "convert":
+            continue
+        bn = model.get_submodule(decision.name) if decision.name else model
+        reason = _unusable(bn)
+        if reason is not None:
+            bad.append((decision.name or type(bn).__name__, reason))
+    if not bad:
+        return
+    (name, reason), others = bad[0], [n for n, _ in bad[1:]]
+    what, _, advice = reason.partition("; ")
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        what += f" (and {len(others)} more layer{'s' if len(others) > 1 else ''}: {shown})"
+    raise BrnError(f"{name}: {what}; {advice}")
+
+
 def renorm_from_batchnorm(
     bn: _BatchNorm, target: type[BatchRenormNd], *, momentum: float, rmax: float = 1.0, dmax: float = 0.0
 ) -> BatchRenormNd:
@@ -163,9 +211,11 @@ def convert_batchnorm(
     Eval-mode outputs are unchanged. `include` / `exclude` are fnmatch globs on module names
     (``layer1.*``). The new layers start at rmax=1, dmax=0 (batchnorm) unless told otherwise; `momentum`
     is the paper's alpha. Use :func:`plan_conversion` to see what would convert and why not.
-    A model that is itself a BatchNorm module is returned as a new renorm module.
+    A model that is itself a BatchNorm module is returned as a new renorm module. A layer set to convert
+    whose eps or running statistics renorm cannot use raises BrnError naming it, with `model` untouched.
     """
     decisions = plan_conversion(model, include=include, exclude=exclude)
+    check_convertible(model, decisions)
     for decision in decisions:
         if decision.action != "convert":
             continue
@@ -181,8 +231,6 @@ def convert_batchnorm(
 
 def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
     """Re-create the renorm layers recorded in a brn checkpoint on a freshly built architecture."""
-    from .errors import BrnError
-
     for name, settings in layers.items():
         try:
             bn = model.get_submodule(name)
@@ -198,14 +246,18 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
         target = _LAYER_TYPES.get(settings.get("type", ""))
         if target is None:
             raise BrnError(f"checkpoint layer {name!r} has unknown type {settings.get('type')!r}")
-        new = renorm_from_batchnorm(
-            bn,
-            target,
-            momentum=float(settings["momentum"]),
-            rmax=float(settings["rmax"]),
-            dmax=float(settings["dmax"]),
-        )
-        new.eps = float(settings.get("eps", new.eps))
+        try:
+            new = renorm_from_batchnorm(
+                bn,
+                target,
+                momentum=float(settings["momentum"]),
+                rmax=float(settings["rmax"]),
+                dmax=float(settings["dmax"]),
+            )
+            new.eps = float(settings.get("eps", new.eps))
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = f"no {exc.args[0]!r} setting" if isinstance(exc, KeyError) else str(exc)
+            raise BrnError(f"checkpoint layer {name!r}: {detail}") from None
         _set_submodule(model, name, new)
     return model
 

@@ -17,6 +17,21 @@ State layout is nn.BatchNorm's (``weight, bias, running_mean, running_var, num_b
 BatchNorm state_dict loads here unchanged, a renorm state_dict loads into nn.BatchNorm with the same
 inference function, and folding is exactly BatchNorm folding.
 
+Edge cases, decided against nn.BatchNorm:
+
+* ``eps`` must be finite and > 0: sigma_B divides, and a constant channel would give 0/0. (nn.BatchNorm
+  accepts eps <= 0 when built and raises once it trains.)
+* Running statistics that hold NaN or inf, or a negative running_var, are refused when loaded
+  (``load_state_dict`` names the layer). A training step updates sigma as
+  ``(1 - momentum) * sigma + momentum * sigma_B`` (defined when either is inf, where
+  ``sigma + momentum * (sigma_B - sigma)`` is inf - inf = NaN) and stores running_var clamped to
+  [0, largest finite value of its dtype]. So a batch whose variance overflows saturates running_var
+  instead of making it inf, and a running_var written as inf into the buffer acts as sigma = inf for one
+  step (r = 1/rmax, d = 0, finite outputs) and is then stored saturated. Finite inputs never leave NaN or
+  inf in the buffers; NaN or inf inputs give NaN statistics as in BatchNorm.
+* An empty batch (any axis of size 0) gives an empty output, zero gradients for gamma and beta, and
+  leaves the moving averages alone; ``num_batches_tracked`` still counts it (as nn.BatchNorm).
+
 Speed: with r and d constant, ``y = BN_train(x; weight=gamma*r, bias=gamma*d+beta)`` holds for the output
 and for every gradient, so the training step reuses the framework's batch-norm kernels (statistics,
 elementwise, backward) inside one autograd.Function and costs what BatchNorm costs.
@@ -33,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import BrnError
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -45,6 +62,7 @@ __all__ = [
     "RenormTelemetry",
     "batch_renorm",
     "collect_telemetry",
+    "describe_bad_running_stats",
 ]
 
 # Telemetry slots, computed from per-channel vectors only (no extra pass over the activations).
@@ -176,6 +194,7 @@ def _statistics_and_update(
             mean_b, var_b = _sync_stats(mean_b, var_b, x.numel() // x.shape[1], process_group)
         stat_dtype = mean_b.dtype
         sigma_b = torch.sqrt(var_b + eps)
+        var_max = torch.finfo(running_var.dtype).max
 
         mu = _as(running_mean, stat_dtype)
         sigma = (_as(running_var, stat_dtype) + eps).sqrt_()
@@ -197,17 +216,20 @@ def _statistics_and_update(
             )
         else:
             upd_mean, upd_sigma = mean_b, sigma_b
-        # lerp(a, b, w) = a + w * (b - a): the update of Algorithm 1 in one op per vector.
-        new_sigma = torch.lerp(sigma, upd_sigma, momentum)
+        # (1 - a) * sigma + a * sigma_B, the update of Algorithm 1 in the form that stays defined when sigma
+        # or sigma_B is inf (lerp's sigma + a * (sigma_B - sigma) is inf - inf = NaN there). sigma is not
+        # needed after r and d: updated in place.
+        new_sigma = sigma.mul_(1.0 - momentum).add_(upd_sigma, alpha=momentum)
         if running_mean.dtype == stat_dtype:
             running_mean.lerp_(upd_mean, momentum)
         else:
             running_mean.copy_(torch.lerp(mu, upd_mean, momentum))
-        # var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by rounding).
+        # var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by rounding), and saturating at
+        # the largest finite value: a batch whose variance overflows (sigma_B = inf) leaves it finite.
         if running_var.dtype == stat_dtype:
-            torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_min_(0.0)
+            torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_(0.0, var_max)
         else:
-            running_var.copy_(new_sigma.square_().sub_(eps).clamp_min_(0.0))
+            running_var.copy_(new_sigma.square_().sub_(eps).clamp_(0.0, var_max))
     return mean_b, var_b, sigma_b, r_raw, d_raw, r, d
 
 
@@ -444,9 +466,9 @@ def _microbatch_renorm(
             upd_mean, upd_sigma = packed[:c].to(stat_dtype), packed[c:].to(stat_dtype)
         new_mu = running_mean.to(stat_dtype) + momentum * (upd_mean - running_mean.to(stat_dtype))
         sig = sigma.flatten()
-        new_sigma = sig + momentum * (upd_sigma - sig)
+        new_sigma = (1.0 - momentum) * sig + momentum * upd_sigma  # as in _statistics_and_update
         running_mean.copy_(new_mu)
-        running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0))
+        running_var.copy_((new_sigma * new_sigma - eps).clamp(0.0, torch.finfo(running_var.dtype).max))
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -473,8 +495,9 @@ def batch_renorm(
     `telemetry`, if given, is a float tensor of 4 slots filled with (r clip fraction, d clip fraction,
     mean |log r|, mean |d|). `process_group` makes the batch statistics global over the group
     (`average_stats=False`) or keeps them per rank and averages only the moving-average update
-    (`average_stats=True`).
+    (`average_stats=True`). `eps` must be finite and > 0.
     """
+    _check_eps(eps)
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     sink: list | None = [] if telemetry is not None else None
@@ -494,8 +517,16 @@ def batch_renorm(
         average_stats,
     )
     if telemetry is not None:
-        telemetry.copy_(_telemetry_values(torch.stack(sink)))
+        if sink:
+            telemetry.copy_(_telemetry_values(torch.stack(sink)))
+        else:  # an empty batch has no r or d
+            telemetry.fill_(math.nan)
     return y
+
+
+def _check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
 
 
 def _check_limits(rmax: float, dmax: float) -> None:
@@ -523,6 +554,10 @@ def _batch_renorm_train(
     """The training step; `sink`, if a list, receives per-channel (r unclipped, d unclipped, r, d)."""
     if not isinstance(rmax, Tensor):  # tensor limits come from a module, which checked them when set
         _check_limits(rmax, dmax)
+    if x.numel() == 0 and process_group is None:
+        # As nn.BatchNorm: an empty output whose backward gives gamma and beta zero gradients, and moving
+        # averages left alone. (With a process group the collectives must still run on every rank.)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if x.shape[0] * (x.numel() // max(x.shape[0] * x.shape[1], 1)) <= 1 and process_group is None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
@@ -606,6 +641,7 @@ class BatchRenormNd(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
+        self._eps = math.nan
         self.eps = eps
         self.momentum = momentum
         # rmax and dmax read as floats, and are mirrored in this 2-element tensor that the forward reads
@@ -660,6 +696,22 @@ class BatchRenormNd(nn.Module):
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__dict__, memo))
         return new
+
+    def __setstate__(self, state: dict) -> None:
+        if "eps" in state:  # pickled before eps became a checked property
+            state["_eps"] = state.pop("eps")
+        super().__setstate__(state)
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance inside the sqrt; finite and > 0 (sigma_B divides)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        value = float(value)
+        _check_eps(value)
+        self._eps = value
 
     @property
     def rmax(self) -> float:
@@ -729,7 +781,9 @@ class BatchRenormNd(nn.Module):
             self.average_stats,
         )
         buf = self._telemetry_rd
-        if buf.dtype == sink[0].dtype:
+        if not sink:  # an empty batch has no r or d
+            buf.fill_(math.nan)
+        elif buf.dtype == sink[0].dtype:
             torch.stack(sink, out=buf)
         else:  # e.g. a half-precision module: fp32 statistics
             buf.copy_(torch.stack(sink))
@@ -763,6 +817,15 @@ class BatchRenormNd(nn.Module):
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)
+        # Checked before anything is copied: a renorm layer trains and infers from these.
+        problem = describe_bad_running_stats(
+            state_dict.get(prefix + "running_mean"), state_dict.get(prefix + "running_var")
+        )
+        if problem is not None:
+            raise BrnError(
+                f"{prefix[:-1] or type(self).__name__}: {problem}; refusing to load it into a renorm layer "
+                "(recalibrate the BatchNorm source with brn calibrate and convert again)"
+            )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -802,6 +865,30 @@ class BatchRenorm3d(BatchRenormNd):
     """Batch Renormalization over (N, C, D, H, W) input. See :class:`BatchRenormNd`."""
 
     _expected_dim = (5,)
+
+
+def describe_bad_running_stats(running_mean: Tensor | None, running_var: Tensor | None) -> str | None:
+    """What makes these running statistics unusable (NaN or inf anywhere, a negative variance), as
+    ``"running_var holds inf in 3 channels"``, or None if nothing does. One host sync per tensor."""
+    parts = []
+    for label, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, Tensor) or t.is_meta or not t.is_floating_point():
+            continue
+        t = t.detach()
+        finite = torch.isfinite(t)
+        negative = (t < 0) & finite if label == "running_var" else torch.zeros_like(finite)
+        nan, inf, neg = torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum(), negative.sum()]).tolist()
+        held = [f"{kind} in {_channels(n)}" for kind, n in (("NaN", nan), ("inf", inf)) if n]
+        clauses = (["holds " + " and ".join(held)] if held else []) + (
+            [f"is negative in {_channels(neg)}"] if neg else []
+        )
+        if clauses:
+            parts.append(f"{label} {' and '.join(clauses)}")
+    return ", ".join(parts) or None
+
+
+def _channels(n: int) -> str:
+    return f"{n} channel" if n == 1 else f"{n} channels"
 
 
 def collect_telemetry(model: nn.Module) -> dict[str, float]:

@@ -193,3 +193,124 @@ def test_input_shape_comes_from_the_architectures_metadata():
     video = torchvision.models.video.r3d_18(num_classes=4)
     assert infer_input_shape(video, arch_spec="torchvision:r3d_18") == [2, 3, 8, 112, 112]
     assert infer_input_shape(video, arch_spec="torchvision:no_such_model") == [2, 3, 8, 64, 64]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and eps a renorm layer cannot use: one line naming the layer
+# ----------------------------------------------------------------------------------------------
+
+SAMPLE = ["--arch", "brn_cli.samples.models:small_resnet", "--arch-kwargs", '{"width": 4}']
+SAMPLE_SHAPE = ["--input-shape", "2,1,28,28"]
+
+
+def _sample_model() -> nn.Module:
+    from brn_cli.samples.models import small_resnet
+
+    return randomize_norms(small_resnet(width=4))
+
+
+def test_convert_refuses_non_finite_running_stats_naming_the_layer():
+    from brn_cli.errors import BrnError
+
+    model = _sample_model()
+    with torch.no_grad():
+        model.layer1.bn1.running_var[:3] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(BrnError) as info:
+        convert_batchnorm(model)
+    assert str(info.value) == (
+        "layer1.bn1: running_var holds inf in 3 channels; fix or recalibrate the source (brn calibrate)"
+    )
+    assert _count(model, BatchRenormNd) == 0  # refused before any layer was replaced
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # More than one: the first is described, the others named.
+    with torch.no_grad():
+        model.layer2.shortcut[1].running_mean[0] = float("nan")
+        model.layer3.bn2.running_var[1] = -1.0
+    with pytest.raises(
+        BrnError, match=r"^layer1\.bn1: .* \(and 2 more layers: layer2\.shortcut\.1, layer3\.bn2\);"
+    ):
+        convert_batchnorm(model)
+    # Layers the user leaves as BatchNorm are not checked.
+    convert_batchnorm(model, exclude=["layer1.bn1", "layer2.shortcut.1", "layer3.bn2"])
+    assert type(model.layer1.bn1) is nn.BatchNorm2d and isinstance(model.layer1.bn2, BatchRenorm2d)
+
+
+def test_convert_refuses_eps_zero_naming_the_layer():
+    """Old detection code builds BatchNorm with eps=0; renorm needs eps > 0 (sigma_B divides)."""
+    from brn_cli.errors import BrnError
+
+    model = _sample_model()
+    model.layer2.bn2.eps = 0.0
+    with pytest.raises(BrnError, match=r"^layer2\.bn2: eps is 0; batch renorm needs eps > 0") as info:
+        convert_batchnorm(model)
+    assert "\n" not in str(info.value)
+    assert _count(model, BatchRenormNd) == 0
+
+
+@pytest.fixture
+def sample_weights(tmp_path):
+    path = tmp_path / "in" / "weights.pt"
+    path.parent.mkdir()
+    torch.save(_sample_model().state_dict(), path)
+    return path
+
+
+def _one_error_line(res, *words):
+    assert res.code == 2, (res.code, res.out, res.err)
+    assert len(res.err_lines) == 1 and res.err.startswith("brn: error: "), res.err
+    assert "Traceback" not in res.err + res.out
+    for word in words:
+        assert word in res.err, res.err
+
+
+def test_cli_convert_names_the_layer_with_nan_running_var(run_cli, sample_weights, tmp_path):
+    """Was: "conversion changed eval outputs by nan (expected 0)", naming no layer."""
+    state = torch.load(sample_weights, weights_only=True)
+    state["layer3.bn1.running_var"][:2] = float("nan")
+    torch.save(state, sample_weights)
+    out = tmp_path / "out" / "converted.pt"
+    out.parent.mkdir()
+    for extra in ([], ["--dry-run"]):
+        res = run_cli("convert", sample_weights, "-o", out, *SAMPLE, *SAMPLE_SHAPE, *extra)
+        _one_error_line(
+            res,
+            "layer3.bn1: running_var holds NaN in 2 channels; fix or recalibrate the source (brn calibrate)",
+        )
+        assert "changed eval outputs" not in res.err
+        assert list(out.parent.iterdir()) == []
+    # eps = 0 in the architecture (a bare BatchNorm2d: the model is the layer): named by its type.
+    bare = tmp_path / "in" / "bn.pt"
+    torch.save(randomize_norms(nn.BatchNorm2d(4)).state_dict(), bare)
+    bn_arch = ["--arch", "torch.nn:BatchNorm2d", "--arch-kwargs", '{"num_features": 4, "eps": 0.0}']
+    res = run_cli("convert", bare, "-o", out, *bn_arch, "--input-shape", "2,4,3,3")
+    _one_error_line(res, "BatchNorm2d: eps is 0; batch renorm needs eps > 0")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_brn_checkpoint_with_bad_statistics_or_eps_is_refused_at_load(run_cli, sample_weights, tmp_path):
+    from brn_cli.checkpoint import load_checkpoint
+    from brn_cli.errors import BrnError
+
+    good = tmp_path / "good.pt"
+    res = run_cli("convert", sample_weights, "-o", good, *SAMPLE, *SAMPLE_SHAPE)
+    assert res.code == 0, res.err
+    obj = torch.load(good, weights_only=True)
+    obj["state_dict"]["layer2.bn1.running_var"][0] = float("inf")
+    bad_stats = tmp_path / "bad_stats.pt"
+    torch.save(obj, bad_stats)
+    with pytest.raises(BrnError, match=r"^layer2\.bn1: running_var holds inf in 1 channel; refusing to load"):
+        load_checkpoint(bad_stats, arch=SAMPLE[1], arch_kwargs={"width": 4})
+    out = tmp_path / "out" / "again.pt"
+    out.parent.mkdir()
+    res = run_cli("convert", bad_stats, "-o", out, *SAMPLE, *SAMPLE_SHAPE)
+    _one_error_line(res, "layer2.bn1: running_var holds inf in 1 channel", "brn calibrate")
+    assert list(out.parent.iterdir()) == []
+
+    obj = torch.load(good, weights_only=True)
+    obj["renorm_layers"]["layer1.bn2"]["eps"] = 0.0
+    bad_eps = tmp_path / "bad_eps.pt"
+    torch.save(obj, bad_eps)
+    res = run_cli("convert", bad_eps, "-o", out, *SAMPLE, *SAMPLE_SHAPE)
+    _one_error_line(res, "layer1.bn2", "eps must be a finite number > 0, got 0.0")
+    assert list(out.parent.iterdir()) == []

@@ -485,3 +485,162 @@ def test_compiled_training_follows_a_changing_schedule_without_recompiling():
         clipped.append(eager.last_telemetry().r_clip_frac + eager.last_telemetry().d_clip_frac)
     assert max(clipped[1:]) > 0  # the limits did bind while relaxed, not only at rmax=1, dmax=0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite statistics, eps, empty batches
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("buffer", "values", "words"),
+    [
+        ("running_var", [INF, INF, INF, 1.0], "running_var holds inf in 3 channels"),
+        ("running_var", [float("nan"), 1.0, 1.0, 1.0], "running_var holds NaN in 1 channel"),
+        ("running_var", [-0.5, -2.0, 1.0, 1.0], "running_var is negative in 2 channels"),
+        ("running_mean", [0.0, -INF, float("nan"), 0.0], "running_mean holds NaN in 1 channel and inf"),
+    ],
+)
+def test_loading_non_finite_or_negative_running_stats_is_refused_naming_the_layer(buffer, values, words):
+    from brn_cli.errors import BrnError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), BatchRenorm2d(4)))
+    state = model.state_dict()
+    state[f"1.1.{buffer}"] = torch.tensor(values)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(BrnError, match=rf"^1\.1: {words}") as info:
+        model.load_state_dict(state)
+    assert "\n" not in str(info.value)
+    for key, value in model.state_dict().items():  # refused before anything was copied into the layer
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    # A layer loaded on its own is named by its type; healthy statistics load as before.
+    with pytest.raises(BrnError, match=rf"^BatchRenorm2d: {words}"):
+        BatchRenorm2d(4).load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("1.1.")})
+    state[f"1.1.{buffer}"] = torch.tensor([0.0, 0.5, 2.0, 0.0])
+    model.load_state_dict(state)
+    assert model[1][1].running_mean.tolist() == state["1.1.running_mean"].tolist()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-5, float("nan"), INF])
+def test_eps_must_be_finite_and_positive(bad):
+    with pytest.raises(ValueError, match="eps"):
+        BatchRenorm2d(3, eps=bad)
+    layer = BatchRenorm2d(3, eps=1e-3)
+    with pytest.raises(ValueError, match="eps"):
+        layer.eps = bad
+    assert layer.eps == 1e-3
+    with pytest.raises(ValueError, match="eps"):  # the functional form checks at the call
+        batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, eps=bad)
+    # nn.BatchNorm refuses eps <= 0 too, but only once it trains; renorm refuses it up front since
+    # sigma_B = sqrt(var_B + eps) divides and a constant channel would give 0/0.
+    if bad <= 0:
+        with pytest.raises(ValueError, match="eps"):
+            nn.BatchNorm2d(3, eps=bad)(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize(("rmax", "dmax"), [(1.0, 0.0), (3.0, 5.0), (INF, INF)])
+def test_running_var_written_as_inf_behaves_as_sigma_inf_and_recovers(rmax, dmax):
+    """Loading refuses an infinite running_var; one written into the buffer directly gives Algorithm 1 with
+    sigma = inf for that step (r = 1/rmax, d = 0: finite outputs), then running_var saturated at the largest
+    finite value; the update sigma + a * (sigma_B - sigma) made it NaN (inf - inf)."""
+    layer = BatchRenorm2d(3, rmax=rmax, dmax=dmax, momentum=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        layer.running_var[:2] = INF
+    x = _batch((8, 3, 4, 4), seed=3).requires_grad_(True)
+    y = layer(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.running_var).all() and torch.isfinite(layer.running_mean).all()
+    # r and d of the inf channels: sigma_B / inf = 0 clipped to 1/rmax, (mu_B - mu) / inf = 0.
+    r_raw, d_raw, r, d = layer._telemetry_rd
+    assert r[:2].tolist() == [1 / rmax] * 2 and d[:2].tolist() == [0.0, 0.0]
+    assert layer.running_var[:2].tolist() == [torch.finfo(torch.float64).max] * 2
+    xd = x.detach()
+    mu_b, var_b = xd.mean(dim=(0, 2, 3)), xd.var(dim=(0, 2, 3), unbiased=False)
+    sigma_b = torch.sqrt(var_b + layer.eps)
+    expected = (xd - mu_b.view(1, 3, 1, 1)) / sigma_b.view(1, 3, 1, 1) / rmax
+    torch.testing.assert_close(y[:, :2].detach(), expected[:, :2], rtol=1e-12, atol=1e-12)
+    for _ in range(3):  # later steps: still finite, and eval too
+        layer(_batch((8, 3, 4, 4), seed=4))
+    assert torch.isfinite(layer.running_var).all()
+    assert torch.isfinite(layer.eval()(xd)).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "momentum"),
+    [(torch.float32, 0.1), (torch.float32, 0.6), (torch.float32, 1.0), (torch.float16, 1.0)],
+)
+def test_finite_inputs_never_make_the_moving_averages_non_finite(dtype, momentum):
+    """A batch whose variance overflows (finite inputs around 1e20 in float32) saturates running_var at the
+    dtype's largest finite value instead of inf (the next step then made it NaN: inf - inf)."""
+    layer = BatchRenorm2d(3, momentum=momentum).to(dtype)
+    bn = nn.BatchNorm2d(3, momentum=momentum).to(dtype)
+    big = 1e20 if dtype == torch.float32 else 1e3  # fp16 buffers: a variance above 65504 overflows them
+    seeds = iter(range(100))
+    for scale in (big, big, 1.0, big, 1.0):
+        x = (_batch((8, 3, 4, 4), seed=next(seeds), dtype=torch.float32) * scale).to(dtype)
+        assert torch.isfinite(x).all()
+        y = layer(x)
+        assert torch.isfinite(layer.running_var).all() and torch.isfinite(layer.running_mean).all()
+        assert torch.isfinite(y).all()
+        if scale == big:  # saturated, not inf
+            assert float(layer.running_var.max()) == torch.finfo(dtype).max
+        if dtype == torch.float32:  # rmax=1, dmax=0 is batchnorm's output even when the variance overflows
+            torch.testing.assert_close(y, bn(x), rtol=1e-5, atol=1e-5)
+    layer.rmax, layer.dmax = 3.0, 5.0
+    y = layer((_batch((8, 3, 4, 4), seed=50, dtype=torch.float32) * big).to(dtype))
+    assert torch.isfinite(y).all() and torch.isfinite(layer.running_var).all()
+
+
+def test_finite_inputs_keep_the_moving_averages_finite_with_microbatches():
+    layer = BatchRenorm2d(3, momentum=0.6, rmax=3.0, dmax=5.0)
+    layer.microbatch = 4
+    for seed, scale in enumerate((1e20, 1e20, 1.0, 1e20, 1.0)):
+        y = layer(_batch((8, 3, 4, 4), seed=seed, dtype=torch.float32) * scale)
+        assert torch.isfinite(y).all() and torch.isfinite(layer.running_var).all()
+
+
+EMPTY_SHAPES = [(0, 3), (0, 3, 7), (0, 3, 5, 5), (2, 3, 0, 4), (0, 3, 2, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_behaves_as_batchnorm(shape, training):
+    layer = _random_layer(LAYERS[len(shape)], 3, seed=5, dtype=torch.float32, rmax=2.0, dmax=1.0)
+    bn = NORMS[len(shape)](3)
+    bn.load_state_dict(layer.state_dict())
+    layer.train(training)
+    bn.train(training)
+    before = copy.deepcopy(layer.state_dict())
+    xa = torch.randn(*shape, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_(True)
+    ya, yb = layer(xa), bn(xb)
+    assert ya.shape == yb.shape == torch.Size(shape)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert xa.grad.shape == xb.grad.shape
+    torch.testing.assert_close(layer.weight.grad, bn.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias.grad, bn.bias.grad, rtol=0, atol=0)
+    for key, value in before.items():  # statistics untouched; num_batches_tracked counts as BatchNorm's
+        if key != "num_batches_tracked":
+            torch.testing.assert_close(layer.state_dict()[key], value, rtol=0, atol=0)
+    assert (
+        int(layer.num_batches_tracked)
+        == int(bn.num_batches_tracked)
+        == int(before["num_batches_tracked"]) + training
+    )
+    assert layer.last_telemetry() is None  # an empty batch has no r or d
+
+
+def test_empty_batch_with_microbatches_and_functional_telemetry():
+    layer = BatchRenorm2d(3)
+    layer.microbatch = 2
+    assert layer(torch.randn(0, 3, 4, 4)).shape == (0, 3, 4, 4)
+    slots = torch.zeros(4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = batch_renorm(torch.randn(0, 3), rm, rv, training=True, rmax=2.0, telemetry=slots)
+    assert y.shape == (0, 3) and torch.isnan(slots).all()
+    assert rm.tolist() == [0.0] * 3 and rv.tolist() == [1.0] * 3
+    # Exactly one value per channel is still an error, as in nn.BatchNorm.
+    with pytest.raises(ValueError, match="more than 1 value"):
+        BatchRenorm2d(3)(torch.randn(1, 3, 1, 1))
