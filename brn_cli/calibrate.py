@@ -230,9 +230,10 @@ def calibrate_data(
 ) -> tuple[list[LayerShift], int]:
     """Calibrate on `num_batches` i.i.d. batches of a DataBundle's train (or val) split.
 
-    Returns (shifts, batches used): when the split holds fewer full batches, all of them are used.
+    Returns (shifts, batches used): when the split holds fewer full batches, all of them are used. The data
+    is first checked against the model (:func:`~brn_cli.data.fit_data_to_model`; labels are not used here).
     """
-    from .data import LabelBatchSampler, make_loader
+    from .data import LabelBatchSampler, fit_data_to_model, make_loader
 
     if split not in ("train", "val"):
         raise BrnError(f"--split must be train or val, got {split!r}")
@@ -245,6 +246,7 @@ def calibrate_data(
         )
     if num_batches < 1:
         raise BrnError(f"--batches must be >= 1, got {num_batches}")
+    fit_data_to_model(model, bundle, split=split, labels=False)
     sampler = LabelBatchSampler(labels, batch_size, "iid", seed=seed)  # same batches on every pass
     used = min(num_batches, len(sampler))
     shifts = calibrate(

@@ -28,6 +28,7 @@ from .errors import BrnError
 __all__ = [
     "EvalResult",
     "batch_statistics_mode",
+    "default_batch_size",
     "evaluate",
     "evaluate_data",
     "is_norm_layer",
@@ -220,11 +221,30 @@ def resolve_device(text: str | None) -> torch.device:
     return dev
 
 
+DEFAULT_BATCH = 256
+
+
+def default_batch_size(labels: torch.Tensor, sampler: str = "iid") -> int:
+    """The batch for evaluating data with these labels when none is given: 256 for iid (every example when
+    there are fewer); for grouped:K, K times the number of labels a batch can hold, min(256 // K, labels
+    present), at least one (so 160 for grouped:16 on 10 classes), the largest batch the sampler can form."""
+    from .data import parse_sampler
+
+    mode = parse_sampler(sampler)
+    if not mode.startswith("grouped:"):
+        return max(1, min(DEFAULT_BATCH, len(labels)))
+    k = int(mode.split(":")[1])
+    present = (
+        int((torch.bincount(torch.as_tensor(labels, dtype=torch.int64)) > 0).sum()) if len(labels) else 0
+    )
+    return k * max(1, min(DEFAULT_BATCH // k, present))
+
+
 def evaluate_data(
     model: nn.Module,
     bundle: Any,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     batch_stats: bool = False,
     sampler: str = "iid",
     seed: int = 0,
@@ -236,16 +256,21 @@ def evaluate_data(
     Inference mode visits every validation example once. Batch-statistics batches are built like training
     batches (`sampler`: iid or grouped:K, full batches only, since a short batch would give noisier
     statistics), as the paper evaluated with test minibatches composed like the training ones.
+    `batch_size` None: :func:`default_batch_size` for the validation labels and `sampler`. Before either
+    pass, :func:`~brn_cli.data.fit_data_to_model` checks the data against the model (channels, classes).
     Returns {"inference": EvalResult dict, "batch_stats": EvalResult dict | None, "gap": accuracy
     difference batch-stats minus inference | None}.
     """
-    from .data import LabelBatchSampler, eval_loader, make_loader, parse_sampler
+    from .data import LabelBatchSampler, eval_loader, fit_data_to_model, make_loader, parse_sampler
 
     if bundle.val is None:
         raise BrnError(
             "the data has no validation split: add x_val/y_val, a val/ folder, or pass --val-split"
         )
     sampler = parse_sampler(sampler)
+    if batch_size is None:
+        batch_size = default_batch_size(bundle.val_labels, sampler)
+    fit_data_to_model(model, bundle, split="val")
     batch_sampler = None
     if batch_stats:  # check the batch composition before the (longer) inference pass
         batch_sampler = LabelBatchSampler(bundle.val_labels, batch_size, sampler, seed=seed)

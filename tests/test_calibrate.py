@@ -121,3 +121,23 @@ def test_cli_calibrate_writes_brn_checkpoint(tmp_path, capsys):
 
 def _toy() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_cli_calibrate_gray_image_folder_takes_the_models_channels(tmp_path, run_cli):
+    """Image folders used to load as RGB whatever the model; a 1-channel model failed mid-run."""
+    from test_data import _write_gray_digits, tiny_gray
+
+    _write_gray_digits(tmp_path / "data", count=8)
+    torch.save(tiny_gray().state_dict(), tmp_path / "m.pt")
+    common = ["--data", tmp_path / "data", "--arch", "test_data:tiny_gray", "--batch-size", "4"]
+    out = tmp_path / "cal.pt"
+    result = run_cli("calibrate", tmp_path / "m.pt", *common, "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert not torch.equal(load_checkpoint(out).model[1].running_var, torch.ones(4))
+    refused = tmp_path / "refused.pt"
+    result = run_cli("calibrate", tmp_path / "m.pt", *common, "-o", refused, "--channels", "3")
+    assert result.code == 2 and result.err_lines == [
+        f"brn: error: {tmp_path / 'data'}: the examples have 3 channels but the model's first layer (0) takes 1 "
+        "(pass --channels 1)"
+    ]
+    assert not refused.exists()

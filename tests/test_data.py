@@ -399,3 +399,287 @@ def _flat_free_npz(tmp_path) -> str:
         digits = np.load(SAMPLE_DATA)
         np.savez(path, x_train=digits["x_train"][:40], y_train=digits["y_train"][:40])
     return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer pixels, bad files, channels, and data that does not fit the model
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32])
+def test_integer_pixels_within_0_255_are_scaled_like_uint8(tmp_path, dtype):
+    digits = np.load(SAMPLE_DATA)
+    x8, y = digits["x_train"][:20], digits["y_train"][:20]
+    x = x8.astype(dtype) if np.iinfo(dtype).max >= 255 else (x8 // 2).astype(dtype)
+    ref = load_data(_npz(tmp_path, "u8.npz", x_train=x.astype(np.uint8), y_train=y))
+    bundle = load_data(_npz(tmp_path, x_train=x, y_train=y))
+    assert float(bundle.train.x.max()) <= 1.0
+    assert torch.equal(bundle.train.x, ref.train.x)
+
+
+@pytest.mark.parametrize(
+    ("x", "shown"),
+    [
+        (np.arange(40 * 4, dtype=np.uint16).reshape(40, 4) * 400, "uint16 values 0..63600"),
+        (np.arange(40 * 4, dtype=np.int32).reshape(40, 4) - 3, "int32 values -3..156"),
+    ],
+)
+def test_integer_pixels_beyond_0_255_are_refused_naming_the_file(tmp_path, x, shown):
+    path = _npz(tmp_path, "wide.npz", x_train=x, y_train=np.arange(40) % 2)
+    with pytest.raises(BrnError) as info:
+        load_data(path)
+    message = str(info.value)
+    assert str(path) in message and "x_train" in message and shown in message and "float32" in message
+    assert "\n" not in message
+
+
+class _Marker:
+    """Unpickling this object creates a file: loading must never get that far."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _bad_npz_files(tmp_path):
+    """(name, writer, expected text) for .npz files broken in every way a user has met."""
+    ok = {"x_train": np.zeros((4, 3), np.float32), "y_train": np.array([0, 1, 0, 1])}
+
+    def savez(**arrays):
+        return lambda path: np.savez(path, **arrays)
+
+    def truncated(path):
+        np.savez(path, **ok)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    def single_array(path):
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros(3))
+
+    marker = tmp_path / "unpickled-marker"
+    return [
+        ("empty", lambda path: path.write_bytes(b""), "empty file"),
+        ("corrupt", truncated, "not an .npz archive"),
+        ("npy", single_array, "a single array"),
+        ("text", lambda path: path.write_text("x,y\n1,2\n"), "not an .npz archive"),
+        (
+            "objects",
+            savez(x_train=np.array([_Marker(marker)] * 4, dtype=object), y_train=ok["y_train"]),
+            "x_train is an object array",
+        ),  # fmt: skip
+        ("no-arrays", savez(), "has no x_train or y_train"),
+        (
+            "lengths",
+            savez(x_train=ok["x_train"], y_train=np.array([0, 1, 0])),
+            "4 examples but y_train has 3",
+        ),
+        ("zero", savez(x_train=np.zeros((0, 3), np.float32), y_train=np.zeros(0, np.int64)), "is empty"),
+        ("nan", savez(x_train=np.full((4, 3), np.nan, np.float32), y_train=ok["y_train"]), "NaN"),
+        ("negative", savez(x_train=ok["x_train"], y_train=np.array([0, -1, 0, 1])), "label -1"),
+        ("fractional", savez(x_train=ok["x_train"], y_train=np.array([0, 0.5, 0, 1])), "whole class indices"),
+        (
+            "huge-label",
+            savez(x_train=ok["x_train"], y_train=np.array([0, 2**40, 0, 1])),
+            "label 1099511627776",
+        ),
+        (
+            "text-labels",
+            savez(x_train=ok["x_train"], y_train=np.array(["a", "b", "a", "b"])),
+            "class indices",
+        ),
+    ], marker
+
+
+def test_bad_npz_files_are_one_line_naming_the_file(tmp_path):
+    cases, marker = _bad_npz_files(tmp_path)
+    for name, write, expected in cases:
+        path = tmp_path / f"{name}.npz"
+        write(path)
+        with pytest.raises(BrnError) as info:
+            load_data(str(path))
+        message = str(info.value)
+        assert str(path) in message and expected in message and "\n" not in message, (name, message)
+    assert not marker.exists()  # the object array was refused, never unpickled
+
+
+def test_bad_npz_through_the_cli(tmp_path, run_cli):
+    """The same files through `brn evaluate`: one stderr line, exit 2 (an empty file used to print
+    'Abort: Abort', a corrupt one 'BadZipFile: ...')."""
+    torch.save(tiny_rgb().state_dict(), tmp_path / "m.pt")
+    cases, marker = _bad_npz_files(tmp_path)
+    for name, write, expected in cases:
+        path = tmp_path / f"{name}.npz"
+        write(path)
+        result = run_cli("evaluate", tmp_path / "m.pt", "--arch", "test_data:tiny_rgb", "--data", path,
+                         "--device", "cpu")  # fmt: skip
+        assert result.code == 2 and len(result.err_lines) == 1, (name, result.err)
+        assert str(path) in result.err and expected in result.err, (name, result.err)
+    assert not marker.exists()
+
+
+def _write_gray_digits(root, count=4, labels=(3, 7)) -> None:
+    """Real digits saved as 8-bit grayscale PNGs, train/ and val/, one folder per label."""
+    from PIL import Image
+
+    digits = np.load(SAMPLE_DATA)
+    for split in ("train", "val"):
+        for label in labels:
+            folder = root / split / f"digit{label}"
+            folder.mkdir(parents=True)
+            for i, img in enumerate(digits["x_train"][digits["y_train"] == label][:count]):
+                Image.fromarray(img[0]).save(folder / f"{i}.png")
+
+
+def test_image_folder_channels_option(tmp_path):
+    from PIL import Image
+
+    _write_gray_digits(tmp_path)
+    first = sorted((tmp_path / "train" / "digit3").iterdir())[0]
+    pixels = torch.from_numpy(np.array(Image.open(first))).float() / 255
+    gray = load_data(str(tmp_path), channels=1)
+    assert gray.sample_shape == (1, 28, 28) and torch.equal(gray.train[0][0][0], pixels)
+    rgb = load_data(str(tmp_path), channels=3)
+    assert rgb.sample_shape == (3, 28, 28) and all(torch.equal(rgb.train[0][0][c], pixels) for c in range(3))
+    with pytest.raises(BrnError, match="--channels must be 1 or 3, got 2"):
+        load_data(str(tmp_path), channels=2)
+    with pytest.raises(BrnError, match="--channels applies to image folders"):
+        load_data(str(SAMPLE_DATA), channels=1)
+    with pytest.raises(BrnError, match="--normalize gives 3 channel values but the images have 1"):
+        load_data(str(tmp_path), channels=1, normalize="0.1,0.2,0.3,1,1,1")
+
+
+def tiny_gray(num_classes: int = 2) -> nn.Module:
+    """As tiny_rgb, for 1-channel images."""
+    model = tiny_rgb(num_classes)
+    model[0] = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+    return model
+
+
+def test_fit_data_to_model_takes_the_channels_from_the_models_first_convolution(tmp_path):
+    from brn_cli.data import fit_data_to_model
+
+    _write_gray_digits(tmp_path)
+    bundle = load_data(str(tmp_path), normalize="0.5,0.25")
+    assert bundle.sample_shape == (3, 28, 28)  # RGB until a model says otherwise
+    fit_data_to_model(tiny_gray(), bundle)
+    assert bundle.sample_shape == (1, 28, 28) and "x [1, 28, 28]" in bundle.description
+    assert bundle.train[0][0].shape == (1, 28, 28) and bundle.val[0][0].shape == (1, 28, 28)
+    rgb = load_data(str(tmp_path))
+    fit_data_to_model(tiny_rgb(), rgb)
+    assert rgb.sample_shape == (3, 28, 28)
+    # Given explicitly, --channels stays: a model that cannot take it is one clear line before any run.
+    given = load_data(str(tmp_path), channels=3)
+    with pytest.raises(BrnError) as info:
+        fit_data_to_model(tiny_gray(), given)
+    assert str(info.value) == (
+        f"{tmp_path}: the examples have 3 channels but the model's first layer (0) takes 1 (pass --channels 1)"
+    )
+    # A model without convolutions keeps RGB.
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 2))
+    plain = load_data(str(tmp_path))
+    fit_data_to_model(mlp, plain)
+    assert plain.sample_shape == (3, 28, 28)
+
+
+def test_fit_data_to_model_refuses_arrays_with_other_channels_and_too_many_classes(tmp_path):
+    from brn_cli.data import fit_data_to_model
+
+    rgb = _npz(tmp_path, "rgb.npz", x_train=np.zeros((20, 3, 8, 8), np.uint8), y_train=np.arange(20) % 10)
+    with pytest.raises(BrnError) as info:
+        fit_data_to_model(tiny_gray(10), load_data(rgb))
+    assert str(info.value) == f"{rgb}: the examples have 3 channels but the model's first layer (0) takes 1"
+    with pytest.raises(BrnError) as info:
+        fit_data_to_model(tiny_rgb(5), load_data(rgb))
+    assert str(info.value) == f"{rgb}: the data has 10 classes (labels 0..9) but the model has 5 outputs"
+    fit_data_to_model(tiny_rgb(5), load_data(rgb), labels=False)  # calibrate: labels unused
+    fit_data_to_model(tiny_rgb(12), load_data(rgb))  # more outputs than classes: fine
+    flat = _npz(tmp_path, "flat.npz", x_train=np.zeros((4, 6), np.float32), y_train=np.arange(4) % 2)
+    with pytest.raises(BrnError) as info:
+        fit_data_to_model(nn.Sequential(nn.Linear(5, 2)), load_data(flat))
+    assert str(info.value) == f"{flat}: the examples have 6 features but the model's first layer (0) takes 5"
+
+
+def test_a_broken_image_names_its_file_also_from_worker_processes(tmp_path):
+    _write_gray_digits(tmp_path)
+    broken = sorted((tmp_path / "train" / "digit7").iterdir())[1]
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # PIL: "image file is truncated"
+    bundle = load_data(str(tmp_path), channels=1)
+    for workers in (0, 2):
+        loader = make_loader(
+            bundle.train, LabelBatchSampler(bundle.train_labels, 8, "iid", seed=0), num_workers=workers
+        )
+        with pytest.raises(BrnError) as info:
+            list(loader)
+        message = str(info.value)
+        assert message.startswith(f"{broken}: cannot read this image") and "\n" not in message, message
+
+
+def test_broken_image_and_empty_folder_through_the_cli(tmp_path, run_cli):
+    _write_gray_digits(tmp_path / "data")
+    torch.save(tiny_gray().state_dict(), tmp_path / "m.pt")
+    broken = tmp_path / "data" / "val" / "digit7" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:100])
+    common = ["--arch", "test_data:tiny_gray", "--device", "cpu"]
+    result = run_cli("evaluate", tmp_path / "m.pt", "--data", tmp_path / "data", *common)
+    assert result.code == 2 and len(result.err_lines) == 1, result.err
+    assert result.err_lines[0].startswith(f"brn: error: {broken}: cannot read this image"), result.err
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    result = run_cli("evaluate", tmp_path / "m.pt", "--data", empty, *common)
+    assert result.code == 2 and len(result.err_lines) == 1, result.err
+    assert f"{empty / 'train'}: no image files" in result.err
+
+
+def test_gray_image_folder_with_a_gray_model_through_finetune_and_evaluate(tmp_path, run_cli):
+    """Image folders used to load as RGB whatever the model: a 1-channel model failed mid-run."""
+    _write_gray_digits(tmp_path / "data")
+    torch.manual_seed(0)
+    torch.save(tiny_gray().state_dict(), tmp_path / "bn.pt")
+    run = tmp_path / "run"
+    common = ["--data", tmp_path / "data", "--arch", "test_data:tiny_gray"]
+    result = run_cli("finetune", tmp_path / "bn.pt", *common, "-o", run, "--steps", "2", "--batch-size", "4",
+                     "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    assert torch.load(run / "best.pt", weights_only=True)["input_shape"] == [2, 1, 28, 28]
+    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["inference"]["examples"] == 8
+    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--channels", "3")
+    assert result.code == 2 and result.err_lines == [
+        f"brn: error: {tmp_path / 'data'}: the examples have 3 channels but the model's first layer (0) takes 1 "
+        "(pass --channels 1)"
+    ]
+
+
+def test_finetune_refuses_data_with_more_classes_than_the_model_before_writing(tmp_path, run_cli):
+    torch.save(tiny_gray(5).state_dict(), tmp_path / "bn.pt")
+    run = tmp_path / "run"
+    result = run_cli("finetune", tmp_path / "bn.pt", "--data", SAMPLE_DATA, "--arch", "test_data:tiny_gray",
+                     "--arch-kwargs", '{"num_classes": 5}', "-o", run, "--steps", "1")  # fmt: skip
+    assert result.code == 2 and result.err_lines == [
+        f"brn: error: {SAMPLE_DATA}: the data has 10 classes (labels 0..9) but the model has 5 outputs"
+    ]
+    assert not run.exists()
+
+
+def test_fit_data_to_model_refuses_examples_that_do_not_batch(tmp_path, monkeypatch):
+    (tmp_path / "ragged_toy_data.py").write_text(
+        "import torch\n"
+        "class Ragged(torch.utils.data.Dataset):\n"
+        "    targets = [0, 1, 0, 1]\n"
+        "    def __len__(self):\n"
+        "        return 4\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3 + i), i % 2\n"
+        "def make():\n"
+        "    return Ragged(), None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from brn_cli.data import fit_data_to_model
+
+    with pytest.raises(BrnError, match=r"^ragged_toy_data:make: examples must be tensors of one shape"):
+        fit_data_to_model(nn.Sequential(nn.Linear(3, 2)), load_data("ragged_toy_data:make"))

@@ -121,3 +121,52 @@ def _plain() -> nn.Module:
     return nn.Sequential(
         nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3), nn.BatchNorm1d(3)
     )
+
+
+def _ten_classes(n=10) -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, n))
+
+
+def _ten_class_data(tmp_path, per_class=20):
+    g = np.random.default_rng(1)
+    data = tmp_path / "ten.npz"
+    y = np.arange(10 * per_class) % 10
+    np.savez(data, x_train=g.normal(size=(len(y), 5)).astype(np.float32), y_train=y,
+             x_val=g.normal(size=(len(y), 5)).astype(np.float32), y_val=y)  # fmt: skip
+    return data
+
+
+def test_default_batch_fits_the_sampler():
+    from brn_cli.evaluate import default_batch_size
+
+    labels = torch.arange(200) % 10
+    assert default_batch_size(labels, "iid") == 200  # 256, or every example when fewer
+    assert default_batch_size(torch.arange(1000) % 10, "iid") == 256
+    assert default_batch_size(labels, "grouped:16") == 160  # 10 labels x 16
+    assert default_batch_size(labels, "grouped:4") == 40
+    assert default_batch_size(torch.arange(1000) % 100, "grouped:4") == 256  # 64 labels x 4
+    assert default_batch_size(torch.arange(1000) % 100, "grouped:3") == 255  # 85 labels x 3
+    assert default_batch_size(torch.arange(1000) % 2, "grouped:300") == 300  # K > 256: one label
+
+
+def test_cli_default_batch_works_with_grouped_sampler(tmp_path, run_cli):
+    """evaluate's default batch of 256 used to fail --sampler grouped:16 on 10 classes."""
+    data = _ten_class_data(tmp_path, per_class=30)  # 300 examples: more than 256
+    torch.save(_ten_classes().state_dict(), tmp_path / "m.pt")
+    result = run_cli("evaluate", tmp_path / "m.pt", "--data", data, "--arch", "test_evaluate:_ten_classes",
+                     "--device", "cpu", "--batch-stats", "--sampler", "grouped:16", "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["batch_stats"]["batch_size"] == 160 and report["batch_stats"]["examples"] == 160
+    assert report["inference"]["examples"] == 300
+
+
+def test_cli_refuses_more_classes_than_outputs_before_evaluating(tmp_path, run_cli):
+    """A 5-class model on 10-class data used to stop mid-run with 'IndexError: Target 9 is out of bounds'."""
+    data = _ten_class_data(tmp_path)
+    torch.save(_ten_classes(5).state_dict(), tmp_path / "m.pt")
+    result = run_cli("evaluate", tmp_path / "m.pt", "--data", data, "--arch", "test_evaluate:_ten_classes",
+                     "--arch-kwargs", '{"n": 5}', "--device", "cpu")  # fmt: skip
+    assert result.code == 2 and result.err_lines == [
+        f"brn: error: {data}: the data has 10 classes (labels 0..9) but the model has 5 outputs"
+    ]
