@@ -37,12 +37,15 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_state_dict(
     model: nn.Module, path: str | os.PathLike, *, fmt: str = "pt", force: bool = False
 ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Write :func:`plain_state_dict` atomically as a torch.save file (``pt``) or ``safetensors``."""
+    """Write :func:`plain_state_dict` atomically as a torch.save file (``pt``) or ``safetensors``; a failed
+    write (a full disk) is one BrnError naming `path`."""
+    from .checkpoint import reporting_write_errors
+
     if fmt not in FORMATS:
         raise BrnError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_writable(path, force=force)
     state = plain_state_dict(model)
-    with atomic_path(path, force=force) as tmp:
+    with atomic_path(path, force=force) as tmp, reporting_write_errors(path):
         if fmt == "safetensors":
             from safetensors.torch import save_file
 
