@@ -5,12 +5,14 @@ Pipeline of :func:`export_onnx_checked` (what ``brn export onnx`` runs):
 1. eval mode; one forward on the example input checks the input shape;
 2. :func:`brn_cli.fold.fold_model` on a copy (skipped with ``fold=False``), then ``.half()`` for fp16 --
    after folding, so the folding arithmetic stays float64;
-3. :func:`export_onnx` into a temporary file beside the output, batch axis dynamic (the example batch is
+3. :func:`export_onnx` into a temporary file beside the output (past 2 GB: an .onnx and its external
+   ``.data`` together in a private folder beside the output), batch axis dynamic (the example batch is
    at least 2 so the exporter cannot specialise it to 1);
 4. op counts read back with the ``onnx`` package; a BatchNormalization node in training mode is an error;
 5. :func:`brn_cli.verify.verify_onnx` on the temporary file against the ORIGINAL unfolded eval model;
-6. only when verification passes (or is switched off) is the file renamed onto the output path. A failed
-   verification removes it: nothing partial is ever left where the user expects output.
+6. only when verification passes (or is switched off) is the file (with its ``.data``) renamed onto the
+   output path. A failed verification removes it: nothing partial is ever left where the user expects
+   output, and a previous export stays as it was until the new one has passed.
 
 Exporter: the TorchScript-based exporter (``dynamo=False``) is the default. On torch 2.14 it is still
 present, produces the same graph after folding, and exports a ResNet-18 in ~0.4 s against ~4 s for the
@@ -19,13 +21,14 @@ dynamo exporter (see docs/export.md). ``exporter="dynamo"`` selects torch.export
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_path, check_writable
+from .atomic import atomic_path, check_writable, remove_stale_temps, temp_dir
 from .errors import BrnError, first_line
 from .fold import FoldResult, fold_model
 from .graph import TraceError
@@ -53,6 +56,7 @@ __all__ = [
 DEFAULT_OPSET = 18
 EXPORTERS = ("legacy", "dynamo")
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
+STAGING_SUFFIX = ".export"  # .NAME.PID.XXXXXXXX.export: where an .onnx and its .data wait for verification
 
 
 def default_tolerances(fp16: bool) -> tuple[float, float]:
@@ -207,25 +211,53 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def _export_to(
-    model: nn.Module, x: torch.Tensor, tmp: Path, target: Path, *, external: bool, force: bool, **kw: Any
-) -> float:
-    """Export into `tmp` (later renamed onto `target`); past 2 GB the weights go to ``<target>.data``."""
+def _external_data_path(target: Path) -> Path:
+    return target.with_name(target.name + ".data")
+
+
+def _export_to(model: nn.Module, x: torch.Tensor, staged: Path, *, external: bool, **kw: Any) -> float:
+    """Export into `staged`; past 2 GB the weights go to one file beside it, named as the final output's
+    (``<target>.data``: the .onnx records that name and reads its weights from its own folder)."""
     if not external:
-        return export_onnx(model, x, tmp, **kw)
+        return export_onnx(model, x, staged, **kw)
     import onnx
 
-    data_name = target.name + ".data"
-    if (target.parent / data_name).exists() and not force:
-        raise BrnError(f"output {target.parent / data_name} already exists; pass --force to overwrite it")
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".brn-export-") as scratch:
-        staged = Path(scratch) / target.name
-        seconds = export_onnx(model, x, staged, external_data=True, **kw)
-        proto = onnx.load(str(staged))  # pulls every external tensor back in
+    with tempfile.TemporaryDirectory(dir=staged.parent, prefix="raw-") as scratch:
+        raw = Path(scratch) / staged.name
+        seconds = export_onnx(model, x, raw, external_data=True, **kw)
+        proto = onnx.load(str(raw))  # pulls every external tensor back in
     onnx.save_model(
-        proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+        proto,
+        str(staged),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=_external_data_path(staged).name,
     )
     return seconds
+
+
+@contextlib.contextmanager
+def _staged_output(target: Path, *, external: bool, force: bool) -> Iterator[Path]:
+    """Yield where to write the .onnx; move it (and its .data) onto `target` only when the block succeeds.
+
+    A model with external data is staged as a pair in a private folder beside the target, so the staged
+    .onnx reads the staged weights during verification, and the previous ``<target>.data`` stays untouched
+    until the new pair is verified. The weights move first: a crash between the two renames leaves the
+    old .onnx beside the new .data (whose name it references), never an .onnx without weights.
+    """
+    if not external:
+        with atomic_path(target, force=force) as tmp:
+            yield tmp
+        return
+    data = check_writable(_external_data_path(target), force=force)
+    remove_stale_temps(target, suffix=STAGING_SUFFIX)  # left by a killed export of the same file
+    with temp_dir(target, suffix=STAGING_SUFFIX) as scratch:
+        staged = scratch / target.name
+        yield staged
+        check_writable(target, force=force)  # appeared while we worked
+        if _external_data_path(staged).exists():  # absent when every tensor was small enough to inline
+            os.replace(_external_data_path(staged), data)
+        os.replace(staged, target)
 
 
 def export_onnx_checked(
@@ -346,16 +378,14 @@ def _export_onnx_checked(
         external_data=external,
     )
     try:
-        with atomic_path(target, force=force) as tmp:
+        with _staged_output(target, external=external, force=force) as tmp:
             step(f"exporting ({exporter} exporter, opset {opset})")
             try:
                 report.export_seconds = _export_to(
                     export_model,
                     example,
                     tmp,
-                    target,
                     external=external,
-                    force=force,
                     opset=opset,
                     exporter=exporter,
                     keep_batchnorm=not fold,
@@ -366,9 +396,7 @@ def _export_onnx_checked(
                 raise BrnError(
                     f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {first_line(exc)}"
                 ) from None
-            report.size_bytes = tmp.stat().st_size + (
-                (target.parent / (target.name + ".data")).stat().st_size if external else 0
-            )
+            report.size_bytes = sum(p.stat().st_size for p in (tmp, _external_data_path(tmp)) if p.exists())
             report.op_counts = onnx_op_counts(tmp)
             if batchnorm_training_nodes(tmp):
                 raise BrnError("the exported graph has BatchNormalization in training mode; nothing written")
@@ -393,10 +421,4 @@ def _export_onnx_checked(
         report.written = True
     except _VerificationFailed:
         report.written = False
-        if external:
-            (target.parent / (target.name + ".data")).unlink(missing_ok=True)
-    except BaseException:
-        if external:
-            (target.parent / (target.name + ".data")).unlink(missing_ok=True)
-        raise
     return report

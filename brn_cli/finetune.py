@@ -24,6 +24,13 @@ Why it is written this way:
   and the running sums of the current logging window. A run killed with SIGKILL and resumed from its last
   ``--save-every`` checkpoint ends with bit-identical weights (CPU). ``metrics.jsonl`` is truncated to the
   checkpoint's step on resume, so it reads as if the run had never stopped.
+* No failure loses a run. ``last.pt`` is saved before the validation of its step (a resumed run does a
+  pending validation first); every save checks that the weights and statistics are finite, and the loss,
+  summed on the device every step, is checked at each log line, save and the last step; one process at a
+  time trains in a run folder (:func:`~brn_cli.atomic.folder_lock`); ``config.json`` and ``metrics.jsonl``
+  appear with the first checkpoint, so a run that fails before it leaves the folder (and, with --force,
+  the old run in it) as it was (:class:`_RunFiles`). A resume checks that its data is the run's
+  (:func:`_check_same_data`).
 * Device handling lives in :class:`_Runtime` (device, rank, world size, "is main process"). Logging,
   metrics and checkpoint writing happen on the main process only; the sampler takes ``num_replicas`` and
   ``rank``; so distributed training is a local change.
@@ -33,18 +40,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import ensure_output_dir
+from .atomic import LOCK_NAME, ensure_output_dir, folder_lock, remove_stale_temps
 from .errors import BrnError
 
 if TYPE_CHECKING:  # torch is imported inside the functions, so `brn --help` stays fast
@@ -77,9 +86,14 @@ RESUME_OVERRIDABLE = (
     "output",
     "dist_timeout",
 )
+# Options that say how last.pt is read (its architecture), not how the run goes: left to the loader on resume.
+RESUME_LOADING = ("arch", "arch_kwargs", "trust_pickle")
+# Where the resumed run is and how it was asked for: never compared with the run's values.
+_RESUME_STRUCTURAL = ("resume", "output", "force", "resume_overrides")
 SGD_MOMENTUM = 0.9  # optimizer momentum; `momentum` in the config is the rate of the moving statistics
 
 LAST, BEST, METRICS, CONFIG, CURVES = "last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png"
+RUN_FILES = (LAST, BEST, METRICS, CONFIG, CURVES)
 
 
 @dataclass
@@ -112,6 +126,7 @@ class FinetuneConfig:
     normalize: str | None = None
     image_size: int | None = None  # ImageFolder data: center crop S x S after resizing the shorter side
     resize_size: int | None = None  # ... to this (None: round(S / 0.875))
+    channels: int | None = None  # image folders: 1 or 3 (None: the model's first convolution decides)
     augment: str = "none"  # training images: none, flip or crop-flip (per-example seeds; see data.py)
     device: str = "auto"
     amp: str = "off"
@@ -125,8 +140,10 @@ class FinetuneConfig:
     # issue 6 (distributed; see brn_cli/distributed.py and docs/distributed.md):
     stats_sync: str = "global"  # global: batch statistics over all ranks; local: per rank, averages shared
     dist_timeout: float = 300.0  # seconds for the rendezvous and any collective before giving up
-    # On --resume, which RESUME_OVERRIDABLE fields this config really sets (the CLI passes the options given on
-    # its command line). None: those that differ from the defaults. The others keep the run's saved values.
+    # On --resume, which fields this config really sets (the CLI passes the options given on its command
+    # line): RESUME_OVERRIDABLE ones replace the run's value, any other must repeat it. None: the
+    # RESUME_OVERRIDABLE fields that differ from the defaults, the others keep the run's values. In both
+    # cases a non-empty `data` may name the run's data at a new location (checked to be the same data).
     resume_overrides: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -358,12 +375,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to `step` (those written before the checkpoint being resumed)."""
+def _truncate_metrics(path: Path, step: int, *, eval_pending: bool = False) -> None:
+    """Keep only the records up to `step` (those written before the checkpoint being resumed); without the
+    validation record of `step` itself when the checkpoint was saved before that validation (it is redone)."""
     from .atomic import atomic_path
     from .curves import read_metrics
 
-    kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
+    kept = [
+        r
+        for r in read_metrics(path)
+        if int(r.get("step", 0)) < step
+        or (int(r.get("step", 0)) == step and not (eval_pending and r.get("kind") == "eval"))
+    ]
     with atomic_path(path, force=True) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
@@ -376,33 +399,307 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run directory, config resolution, model, optimizer
+# Resume: the run's settings, and what a resume call may change
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_resume(config: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
-    """On --resume: the run's own settings (from last.pt) with only RESUME_OVERRIDABLE taken from `config`."""
+def _resume_path(config: FinetuneConfig) -> Path:
+    """RUNDIR/last.pt of --resume RUNDIR; one line when there is none."""
     run_dir = Path(config.resume)
     last = run_dir / LAST
     if not run_dir.is_dir():
         raise BrnError(f"--resume {run_dir}: no such run directory")
     if not last.is_file():
         raise BrnError(f"--resume {run_dir}: no {LAST} there to resume from")
-    return config, last
+    return last
 
 
-def _prepare_run_dir(config: FinetuneConfig, resuming: bool) -> Path:
+def _given_fields(config: FinetuneConfig) -> set[str]:
+    """The fields a resume call sets: the list it passes (the CLI: its command line), else the
+    RESUME_OVERRIDABLE ones that differ from the defaults (a library caller keeps the run's other values)."""
+    if config.resume_overrides is not None:
+        return set(config.resume_overrides)
+    defaults = FinetuneConfig(checkpoint="", data="", output="")
+    return {k for k in RESUME_OVERRIDABLE if getattr(config, k) != getattr(defaults, k)}
+
+
+def _same_setting(name: str, given: Any, recorded: Any) -> bool:
+    if name == "checkpoint":  # the same file, however the path is spelled
+        return bool(given) and bool(recorded) and Path(given).resolve() == Path(recorded).resolve()
+    return given == recorded
+
+
+def _resumed_config(config: FinetuneConfig, recorded: dict[str, Any]) -> FinetuneConfig:
+    """On --resume: the run's own settings (`recorded`, from last.pt) and what this call may change.
+
+    Given again, a RESUME_OVERRIDABLE option takes its new value; `data` may name the run's data at a new
+    location (checked to be the same data once loaded: :func:`_check_same_data`); RESUME_LOADING is the
+    loader's business; any other option must repeat the run's value, or it would silently be ignored.
+    """
+    run_dir = Path(config.resume)
+    if config.output and Path(config.output).resolve() != run_dir.resolve():
+        raise BrnError(
+            f"-o {config.output} differs from --resume {run_dir}; a resumed run stays in its folder"
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    given = _given_fields(config)
+    fixed = given - set(RESUME_OVERRIDABLE) - set(RESUME_LOADING) - set(_RESUME_STRUCTURAL) - {"data"}
+    for name in sorted(fixed):
+        if name not in defaults:
+            continue
+        value, before = getattr(config, name), recorded.get(name, defaults[name])
+        if not _same_setting(name, value, before):
+            flag = "CHECKPOINT" if name == "checkpoint" else f"--{name.replace('_', '-')}"
+            raise BrnError(
+                f"{flag} {value} cannot change on --resume: the run in {run_dir} used {before} "
+                f"(see its {CONFIG})"
+            )
+    # Structural keys always come from this call; the rest only when given, so an option left out on
+    # --resume keeps the run's value (e.g. its --save-every) instead of silently taking the default.
+    keys = given | {"resume", "output", "force"}
+    overrides = {k: getattr(config, k) for k in RESUME_OVERRIDABLE if k in keys}
+    if config.data:
+        overrides["data"] = config.data
+    specs = _resume_specs(config, recorded, run_dir / LAST)
+    return FinetuneConfig.from_dict({**recorded, **overrides, **specs, "output": str(run_dir)})
+
+
+def _resume_specs(config: FinetuneConfig, recorded: dict[str, Any], last: Path) -> dict[str, Any]:
+    """The run's architecture, data and --trust-pickle as a resume may use them. A spec read from last.pt
+    names code, so it is used only when brn may build it from a file (a known builder; data that is a path,
+    not package.module:callable); anything else must be given again. --trust-pickle comes only from `config`
+    (the command line)."""
+    from .checkpoint import check_builder_kwargs, check_recorded_arch, check_recorded_data
+
+    specs: dict[str, Any] = {"trust_pickle": bool(config.trust_pickle)}
+    recorded_arch, recorded_kwargs = recorded.get("arch"), recorded.get("arch_kwargs")
+    if config.arch is not None:  # named by the user; the run's kwargs go with the same spec
+        specs["arch"], specs["arch_kwargs"] = config.arch, config.arch_kwargs
+        if not config.arch_kwargs and recorded_kwargs and config.arch == recorded_arch:
+            where = f"{last}: recorded arch"
+            specs["arch_kwargs"] = check_builder_kwargs(config.arch, recorded_kwargs, where=where)
+    elif recorded_arch is not None:
+        specs["arch"], kwargs = check_recorded_arch(recorded_arch, recorded_kwargs, path=last)
+        specs["arch_kwargs"] = kwargs or None
+    if not config.data:
+        specs["data"] = check_recorded_data(recorded.get("data"), path=last)
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Which data a run trained on: sizes, label counts and a content hash, recorded and checked on resume
+# ----------------------------------------------------------------------------------------------
+
+
+def _content_hash(dataset: Any, labels: torch.Tensor) -> tuple[str, str]:
+    """(sha256, what it covers) of one split: its labels in order, and the content under any wrappers.
+
+    In-memory arrays are hashed whole; an image folder by its files' relative paths and sizes (reading every
+    image would cost a pass over the data); other datasets by their labels alone.
+    """
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256(labels.to(torch.int64).numpy().tobytes())
+    source = dataset
+    while hasattr(source, "base"):  # brn's wrappers: augmentation, normalization, --val-split subsets
+        source = source.base
+    tensors = [getattr(source, "x", None)] if hasattr(source, "x") else list(getattr(source, "tensors", []))
+    if tensors and all(isinstance(t, torch.Tensor) for t in tensors):
+        for t in tensors:
+            digest.update(f"{t.dtype}{list(t.shape)}".encode())
+            digest.update(memoryview(np.ascontiguousarray(t.detach().cpu().numpy())).cast("B"))
+        return digest.hexdigest(), "arrays"
+    samples, root = getattr(source, "samples", None), getattr(source, "root", None)
+    if isinstance(samples, list) and root is not None:
+        for item in samples:
+            path = Path(item[0])
+            size = path.stat().st_size if path.exists() else -1
+            digest.update(
+                f"{path.relative_to(root) if path.is_relative_to(root) else path}\0{size}\0".encode()
+            )
+        return digest.hexdigest(), "file names and sizes"
+    return digest.hexdigest(), "labels"
+
+
+def _split_record(dataset: Any, labels: torch.Tensor | None) -> dict[str, Any] | None:
+    import torch
+
+    if dataset is None or labels is None:
+        return None
+    sha256, covers = _content_hash(dataset, labels)
+    counts = torch.bincount(labels.to(torch.int64)).tolist() if len(labels) else []
+    return {"examples": int(len(labels)), "label_counts": counts, "sha256": sha256, "hashed": covers}
+
+
+def _data_fingerprint(bundle: Any) -> dict[str, Any]:
+    """What identifies a run's data (recorded in last.pt and config.json): per split, the number of
+    examples, the count of each label and a content hash (see :func:`_content_hash`)."""
+    return {
+        "train": _split_record(bundle.train, bundle.train_labels),
+        "val": _split_record(bundle.val, bundle.val_labels),
+    }
+
+
+def _check_same_data(
+    recorded: dict[str, Any] | None,
+    current: dict[str, Any],
+    spec: str,
+    *,
+    given: bool,
+    run_dir: Path,
+    note: bool,
+) -> None:
+    """Refuse data that is not what the run trained on: other sizes, label counts or training content.
+
+    A validation set whose content alone differs (a repaired image, say) is accepted with a note: it only
+    decides which checkpoint becomes best.pt. A run recorded without a fingerprint cannot be checked.
+    """
+    what = f"--data {spec}" if given else f"the run's data {spec}"
+    if recorded is None:
+        if given and note:
+            sys.stderr.write(
+                f"note: {run_dir} recorded no fingerprint of its data (an older brn): cannot check that "
+                f"{spec} is the data it trained on\n"
+            )
+        return
+    for split, name in (("train", "training"), ("val", "validation")):
+        before, now = recorded.get(split), current.get(split)
+        if (before is None) != (now is None):
+            which = (
+                f"it has no {name} set, the run's had one"
+                if now is None
+                else f"it has a {name} set, the run's had none"
+            )
+            raise BrnError(f"{what} is not the data this run trained on: {which}")
+        if before is None:
+            continue
+        if before["examples"] != now["examples"]:
+            raise BrnError(
+                f"{what} is not the data this run trained on: {now['examples']} {name} examples, "
+                f"the run had {before['examples']}"
+            )
+        if before["label_counts"] != now["label_counts"]:
+            raise BrnError(
+                f"{what} is not the data this run trained on: other label counts in the {name} set"
+            )
+        if before["sha256"] == now["sha256"]:
+            continue
+        if split == "train":
+            raise BrnError(
+                f"{what} is not the data this run trained on: the {name} set has the same size and labels "
+                f"but other content ({now['hashed']} differ)"
+            )
+        if note:
+            sys.stderr.write(
+                f"note: {what}: the validation set has the run's size and labels but other content; "
+                "the best.pt so far was chosen on the old one\n"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: locked while a process trains in it; its files appear with the first checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def _refuse_inputs_among_outputs(config: FinetuneConfig, run_dir: Path) -> None:
+    """A fresh run replaces RUNDIR's own files: its CHECKPOINT must not be one of them."""
+    source = Path(config.checkpoint).resolve()
+    for name in RUN_FILES:
+        if (run_dir / name).resolve() == source:
+            raise BrnError(
+                f"CHECKPOINT {config.checkpoint} is the {name} of the run folder {run_dir}, which this run "
+                "would replace: copy it out of the folder first, or write the new run to another folder"
+            )
+
+
+def _check_run_dir_free(config: FinetuneConfig, run_dir: Path) -> None:
+    """Under the lock: a fresh run needs an empty folder, or --force (see :class:`_RunFiles`)."""
+    for name in RUN_FILES:  # temporaries of saves killed midway
+        remove_stale_temps(run_dir / name)
+    occupied = [p.name for p in run_dir.iterdir() if p.name != LOCK_NAME]
+    if occupied and not config.force:
+        raise BrnError(f"output folder {run_dir} is not empty; pass --resume {run_dir} or --force")
+
+
+def _prepare_run_dir(config: FinetuneConfig, resuming: bool, held: contextlib.ExitStack) -> Path:
+    """Create and lock RUNDIR for a fresh run (a resumed run's folder is locked already). Deletes nothing."""
     run_dir = Path(config.output)
     if run_dir.exists() and not run_dir.is_dir():
         raise BrnError(f"output {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not resuming and not config.force:
-        raise BrnError(f"output folder {run_dir} is not empty; pass --resume {run_dir} or --force")
+    if resuming:
+        return run_dir
+    _refuse_inputs_among_outputs(config, run_dir)
     ensure_output_dir(run_dir)
-    if config.force and not resuming:
-        for name in (LAST, BEST, METRICS, CURVES, CONFIG):  # a fresh run: no stale files from an old one
-            with contextlib.suppress(FileNotFoundError):
-                (run_dir / name).unlink()
+    held.enter_context(folder_lock(run_dir, what="run folder"))
+    _check_run_dir_free(config, run_dir)
     return run_dir
+
+
+class _RunFiles:
+    """metrics.jsonl and config.json of a run, which appear with its first checkpoint.
+
+    Until then the metric records wait in memory, and an old run's files (--force) stay as they were, so a
+    run that fails before saving anything leaves the folder as it found it: reusable without --force, the
+    old run intact. The first checkpoint writes both files and removes what is left of an old run, so the
+    folder never mixes two runs. A resumed run's files exist already.
+    """
+
+    def __init__(self, run_dir: Path, record: dict[str, Any], *, enabled: bool, started: bool) -> None:
+        self.run_dir, self.record, self.enabled, self.started = run_dir, record, enabled, started
+        self.pending: list[dict[str, Any]] = []
+        self.written: set[str] = set()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if not self.started:
+            self.pending.append(record)
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def saved(self, name: str) -> None:
+        """Checkpoint `name` is written: on the first one, the run's other files follow."""
+        if not self.enabled:
+            return
+        self.written.add(name)
+        if self.started:
+            return
+        from .atomic import atomic_path
+
+        with atomic_path(self.metrics_path, force=True) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.pending), encoding="utf-8")
+        _write_json(self.run_dir / CONFIG, self.record)
+        for old in (LAST, BEST, CURVES):  # an old run's, replaced by this one
+            if old not in self.written:
+                (self.run_dir / old).unlink(missing_ok=True)
+        self.pending.clear()
+        self.started = True
+
+
+def _nonfinite_tensors(model, names: set[str] | None = None) -> list[str]:
+    """Names of the floating-point state_dict entries (parameters and the buffers a checkpoint keeps), of
+    `names` if given, that hold a NaN or an infinity; one host sync when all is well."""
+    import torch
+
+    named = [
+        (name, t)
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and t.numel() and (names is None or name in names)
+    ]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return []
+    return [name for name, t in named if not bool(torch.isfinite(t).all())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, loader
+# ----------------------------------------------------------------------------------------------
 
 
 def _load_model(config: FinetuneConfig, source: str):
@@ -505,8 +802,13 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     """Fine-tune `config.checkpoint` on `config.data`, writing RUNDIR (see the module docstring).
 
     Returns the final and best metrics. Raises BrnError on bad input and FinetuneInterrupted (after saving
-    last.pt) on SIGINT / SIGTERM.
+    last.pt) on SIGINT / SIGTERM. RUNDIR is locked until this returns (see :func:`brn_cli.atomic.folder_lock`).
     """
+    with contextlib.ExitStack() as held:
+        return _run_finetune(config, progress=progress, held=held)
+
+
+def _run_finetune(config: FinetuneConfig, *, progress: bool, held: contextlib.ExitStack) -> FinetuneResult:
     import torch
     import torch.nn.functional as F
 
@@ -515,6 +817,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         AugmentedDataset,
         LabelBatchSampler,
         eval_loader,
+        fit_data_to_model,
         load_data,
         parse_sampler,
         preprocessing_record,
@@ -526,8 +829,9 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     t_start = time.time()
     # ---- settings: a fresh run takes `config`; a resumed run takes its own saved settings -------------
     resume_state = None
+    data_given = bool(config.data)
     if config.resume:
-        _, last_path = _resolve_resume(config)
+        last_path = _resume_path(config)
         try:
             saved = torch.load(last_path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -535,19 +839,21 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         if not isinstance(saved, dict) or not isinstance(saved.get("training"), dict):
             raise BrnError(f"--resume: {last_path} is not a brn finetune checkpoint")
         resume_state = saved["training"]
-        given = config.resume_overrides
-        if given is None:
-            defaults = FinetuneConfig(checkpoint="", data="", output="")
-            given = [k for k in RESUME_OVERRIDABLE if getattr(config, k) != getattr(defaults, k)]
-        # Structural keys always come from this call; the rest only when asked for, so an option left out on
-        # --resume keeps the run's value (e.g. its --save-every) instead of silently taking the default.
-        keys = set(given) | {"resume", "output", "force"}
-        overrides = {k: getattr(config, k) for k in RESUME_OVERRIDABLE if k in keys}
-        config = FinetuneConfig.from_dict({**resume_state["config"], **overrides, "output": config.resume})
+        config = _resumed_config(config, resume_state["config"])
     _validate(config)
     sampler_mode = parse_sampler(config.sampler)
     runtime = _make_runtime(config)
     dist_ctx = runtime.dist
+    if resume_state is not None:  # one process at a time continues a run (rank 0 holds the lock)
+        problem = None
+        if runtime.is_main:
+            try:
+                held.enter_context(folder_lock(config.output, what="run folder"))
+            except BrnError as exc:
+                problem = str(exc)
+        problem = dist_ctx.broadcast_object(problem)
+        if problem is not None:
+            raise BrnError(problem)
     if resume_state is not None and int(resume_state.get("world_size", 1)) != runtime.world_size:
         # Resume on another world size: keep the GLOBAL batch, so data order and schedules carry on.
         global_batch = config.batch_size * int(resume_state.get("world_size", 1))
@@ -559,8 +865,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         config = dataclasses.replace(config, batch_size=global_batch // runtime.world_size)
         _validate(config)
     if config.amp == "fp16" and not runtime.is_cuda and runtime.is_main:
-        import sys
-
         sys.stderr.write(
             "note: --amp fp16 on a CPU runs, but is usually slower than fp32 there; it is meant for GPUs\n"
         )
@@ -573,7 +877,18 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         image_size=config.image_size,
         resize_size=config.resize_size,
         augment=config.augment,
+        channels=config.channels,
     )
+    fingerprint = _data_fingerprint(data)
+    if resume_state is not None:
+        _check_same_data(
+            resume_state.get("data_fingerprint"),
+            fingerprint,
+            config.data,
+            given=data_given,
+            run_dir=Path(config.output),
+            note=runtime.is_main,
+        )
     sampler = LabelBatchSampler(
         data.train_labels,
         config.batch_size,
@@ -597,6 +912,9 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     # ---- model, optimizer, schedules -----------------------------------------------------------------
     source = str(Path(config.resume) / LAST) if resume_state is not None else config.checkpoint
     model, loaded, n_layers = _load_model(config, source)
+    fit_data_to_model(model, data)  # channels and classes checked before anything is written
+    # What every save checks: entries finite now must stay finite (a model may keep, say, a -inf mask).
+    finite_at_start = set(model.state_dict()) - set(_nonfinite_tensors(model))
     model.to(runtime.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -605,8 +923,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
 
     sync_report = configure_stats_sync(model, config.stats_sync, dist_ctx)
     if runtime.is_main and runtime.world_size > 1:
-        import sys
-
         sys.stderr.write(
             f"distributed: {runtime.world_size} processes ({dist_ctx.backend}), --stats-sync "
             f"{config.stats_sync}, global batch {config.batch_size * runtime.world_size}\n"
@@ -631,7 +947,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     problem = None
     if runtime.is_main:  # one rank checks and prepares the folder (others would race on its contents)
         try:
-            _prepare_run_dir(config, resuming=resume_state is not None)
+            _prepare_run_dir(config, resuming=resume_state is not None, held=held)
         except BrnError as exc:
             problem = str(exc)
     problem = dist_ctx.broadcast_object(problem)
@@ -643,12 +959,16 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     step, epoch, batch_index = 0, 0, 0
     window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
     best: dict[str, Any] = {}
-    metrics_path = run_dir / METRICS
+    files = _RunFiles(
+        run_dir,
+        {**config.to_dict(), "data_fingerprint": fingerprint},
+        enabled=runtime.is_main,
+        started=resume_state is not None,
+    )
+    metrics_path = files.metrics_path
+    eval_pending = False  # last.pt was saved before the validation of its step, which is still to come
     if resume_state is None:
         _seed_everything(config.seed)
-        if runtime.is_main:
-            _write_json(run_dir / CONFIG, config.to_dict())
-            metrics_path.write_text("", encoding="utf-8")
     else:
         step = int(resume_state["step"])
         epoch, batch_index = int(resume_state["epoch"]), int(resume_state["batch_index"])
@@ -659,12 +979,13 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         window = dict(resume_state["window"])
         best = dict(resume_state.get("best") or {})
         _set_rng_state(resume_state["rng"], runtime)
+        eval_pending = bool(resume_state.get("eval_pending")) and val_loader is not None
         if runtime.is_main:
-            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(metrics_path, step, eval_pending=eval_pending)
     resumed_from = step if resume_state is not None else None
     rmax, dmax = renorm.apply()
 
-    def training_state() -> dict[str, Any]:
+    def training_state(pending: bool) -> dict[str, Any]:
         return {
             "step": step,
             "total_steps": total_steps,
@@ -684,18 +1005,37 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
             "best": dict(best),
             "config": config.to_dict(),
             "world_size": runtime.world_size,
+            "data_fingerprint": fingerprint,
+            "eval_pending": pending,
         }
 
     saved_at: dict[str, int] = {}
 
-    def save(name: str) -> None:
-        """Called by every rank: buffers must agree across ranks; rank 0 writes."""
+    def last_good() -> str:
+        """Where the run can be picked up after a failure (every save checked its weights first)."""
+        if LAST in saved_at:
+            return f"{run_dir / LAST} (step {saved_at[LAST]}) is the last good checkpoint"
+        if resumed_from is not None:
+            return f"{run_dir / LAST} (step {resumed_from}) is the last good checkpoint"
+        return "no checkpoint was saved"
+
+    def save(name: str, *, pending: bool = False) -> None:
+        """Called by every rank: buffers must agree across ranks; rank 0 writes. Never writes a non-finite
+        weight or statistic (every rank sees the same values, so every rank raises). `pending`: the
+        validation of this step is still to come (a resumed run does it first)."""
         from .distributed import average_batchnorm_buffers, check_buffers_equal
 
-        saved_at[name] = step
         average_batchnorm_buffers(model, dist_ctx)
         check_buffers_equal(model, dist_ctx)
+        broken = _nonfinite_tensors(model, finite_at_start)
+        if broken:
+            more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+            raise BrnError(
+                f"weights became non-finite by step {step} ({broken[0]}{more}), so {name} was not written; "
+                f"{last_good()}; lower --lr or relax the schedule more slowly"
+            )
         if not runtime.is_main:
+            saved_at[name] = step
             return
         ckpt = make_brn_checkpoint(
             model,
@@ -707,13 +1047,13 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                     config.normalize, config.image_size, config.resize_size
                 ),
             },
-            training=training_state(),
+            training=training_state(pending),
         )
         save_checkpoint_dict(ckpt, run_dir / name, force=True)
+        saved_at[name] = step
+        files.saved(name)
 
-    def log(record: dict[str, Any]) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+    log = files.log
 
     def run_eval() -> dict[str, Any]:
         from .distributed import average_batchnorm_buffers, stats_sync_suspended
@@ -728,10 +1068,31 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         val_loss, correct, n = dist_ctx.sum([result.loss * n, result.accuracy * n, float(n)])
         return {"step": step, "val_loss": val_loss / max(n, 1), "val_accuracy": correct / max(n, 1)}
 
+    def validate() -> None:
+        """Inference-mode validation of this step; a better one becomes best.pt."""
+        nonlocal last_eval, best
+        last_eval = {"kind": "eval", **run_eval()}
+        log(last_eval)
+        # Every rank decides (the metrics are all-reduced, so identically): save() is collective.
+        if not best or last_eval["val_accuracy"] > best["val_accuracy"]:
+            best = {k: v for k, v in last_eval.items() if k != "kind"}
+            save(BEST)
+        bar.show(last_train, last_eval)
+
     def fold_window() -> None:
-        """Add the device-side sums since the last fold to the window, summed over ranks."""
-        nonlocal seen
+        """Add the device-side sums since the last fold to the window, summed over ranks. Every step's loss
+        is in the sum, so one non-finite loss shows here: at each log line, each save and the last step."""
+        nonlocal seen, folded_at
         totals = dist_ctx.sum([float(loss_sum), float(correct_sum), float(seen)])
+        if not math.isfinite(totals[0]):
+            where = (
+                f"at step {step}" if folded_at + 1 >= step else f"between steps {folded_at + 1} and {step}"
+            )
+            raise BrnError(
+                f"training loss became {totals[0]} {where}; {last_good()}; lower --lr or relax the schedule "
+                "more slowly"
+            )
+        folded_at = step
         window["loss"] += totals[0]
         window["correct"] += totals[1]
         window["count"] += totals[2]
@@ -739,8 +1100,8 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
         correct_sum.zero_()
         seen = 0
 
-    def last_checkpoint() -> str | None:
-        return str(run_dir / LAST) if (run_dir / LAST).is_file() else None
+    def last_checkpoint() -> str | None:  # this run's (with --force, an old run's last.pt may be there)
+        return str(run_dir / LAST) if LAST in saved_at or resumed_from is not None else None
 
     # ---- progress display (main process only) ---------------------------------------------------------
     bar = _Progress(enabled=progress and runtime.is_main, total=total_steps, start=step)
@@ -749,11 +1110,14 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
     loss_sum = torch.zeros((), device=runtime.device)  # summed on the device: no sync per step
     correct_sum = torch.zeros((), device=runtime.device)
     seen = 0
+    folded_at = step  # the step of the last fold_window (its loss sums were finite)
 
     # ---- the loop: one iteration = one optimizer step ------------------------------------------------
     from .distributed import peer_failures
 
     with _StopRequest() as stop, bar, peer_failures(dist_ctx, last_checkpoint):
+        if eval_pending:  # last.pt was saved before the validation of its step: do it now
+            validate()
         while step < total_steps and stop.signum is None:
             sampler.set_epoch(epoch)
             if isinstance(data.train, AugmentedDataset):  # before the loader: workers get a copy
@@ -812,11 +1176,6 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                 if step % config.log_every == 0 or step == total_steps:
                     fold_window()
                     train_loss = window["loss"] / max(window["count"], 1)
-                    if not math.isfinite(train_loss):
-                        raise BrnError(
-                            f"training loss became {train_loss} by step {step}; lower --lr or relax the "
-                            "schedule more slowly (last.pt holds the last good checkpoint, if any)"
-                        )
                     last_train = {
                         "kind": "train",
                         "step": step,
@@ -830,20 +1189,7 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                         **collect_telemetry(model),
                     }
                     window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
-                    if runtime.is_main:
-                        log(last_train)
-                    bar.show(last_train, last_eval)
-
-                if val_loader is not None and (
-                    (config.eval_every and step % config.eval_every == 0) or step == total_steps
-                ):
-                    last_eval = {"kind": "eval", **run_eval()}
-                    if runtime.is_main:
-                        log(last_eval)
-                    # Every rank decides (the metrics are all-reduced, so identically): save() is collective.
-                    if not best or last_eval["val_accuracy"] > best["val_accuracy"]:
-                        best = {k: v for k, v in last_eval.items() if k != "kind"}
-                        save(BEST)
+                    log(last_train)
                     bar.show(last_train, last_eval)
 
                 if runtime.world_size > 1:  # a signal on any rank stops every rank after this same step
@@ -851,10 +1197,18 @@ def run_finetune(config: FinetuneConfig, *, progress: bool = True) -> FinetuneRe
                     if any_signal and stop.signum is None:
                         stop.signum = any_signal
                 stopping = stop.signum is not None or step >= total_steps
+                eval_due = val_loader is not None and (
+                    (config.eval_every and step % config.eval_every == 0) or step == total_steps
+                )
                 if (config.save_every and step % config.save_every == 0) or stopping:
+                    # Saved before validating: a validation that fails loses no training (resume redoes it).
                     # Fold the unsynced device sums into the window so that resume sees them.
                     fold_window()
-                    save(LAST)
+                    save(LAST, pending=bool(eval_due))
+                if eval_due:
+                    validate()
+                    if step >= total_steps:  # the finished run's last.pt knows its final validation
+                        save(LAST)
                 if stopping:
                     break
             else:  # the epoch ran out: next one from its first batch

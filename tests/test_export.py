@@ -311,3 +311,24 @@ def test_cli_untraceable_points_at_no_fold(run_cli, tmp_path):
     assert res.code == 2 and "'gate'" in res.err and "--no-fold" in res.err
     res = run_cli("export", "onnx", ckpt, "-o", tmp_path / "u.onnx", "--no-fold")
     assert res.code == 0, res.err
+
+
+def test_failed_reexport_keeps_the_previous_external_data(tmp_path):
+    """Past the size limit the weights live in model.onnx.data: a --force export that fails verification
+    leaves both files of the previous export as they were; one that passes replaces both."""
+    out = tmp_path / "model.onnx"
+    data = tmp_path / "model.onnx.data"
+    first = export_onnx_checked(renorm(Mlp()), [4, 16], out, external_data_threshold=0)
+    assert first.written and data.stat().st_size > 0
+    before = (out.read_bytes(), data.read_bytes())
+    failed = export_onnx_checked(
+        renorm(Mlp(), seed=1), [4, 16], out, external_data_threshold=0, force=True, atol=0.0, rtol=0.0
+    )
+    assert not failed.written
+    assert (out.read_bytes(), data.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    other = renorm(Mlp(), seed=1)
+    second = export_onnx_checked(other, [4, 16], out, external_data_threshold=0, force=True)
+    assert second.written and data.read_bytes() != before[1]
+    assert verify_onnx(out, other, [4, 16]).passed  # the new .onnx reads the new data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]

@@ -385,7 +385,7 @@ def test_cli_errors_are_one_line(bn_checkpoint, tmp_path):
             [str(bn_checkpoint), "--data", str(SAMPLE_DATA), "-o", str(tmp_path / "e"), "--steps", "2"],
             "--arch",
         ),
-        (["--resume", str(busy), "--lr", "0.5"], "cannot change on --resume"),
+        (["--resume", str(busy), "--lr", "0.5"], "no last.pt there"),
         (["--resume", str(tmp_path / "nothing")], "no such run directory"),
     ]
     for args, needle in cases:
