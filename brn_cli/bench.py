@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import BrnError
+
 __all__ = ["LAYER_TARGETS", "bench_layer", "interleaved_medians", "interleaved_times", "paired_ratio"]
 
-# Issue 2's targets: BatchRenorm2d / nn.BatchNorm2d time ratios.
+# The layer's speed targets: BatchRenorm2d / nn.BatchNorm2d time ratios.
 LAYER_TARGETS = {"train": 1.10, "eval": 1.02}
 
 
@@ -273,6 +275,17 @@ def _activate_renorm(model: nn.Module, rmax: float = 3.0, dmax: float = 5.0) -> 
     return n
 
 
+def _import_torchvision(part: str):
+    """torchvision builds the ResNets these parts time; it is optional (not a dependency of brn)."""
+    try:
+        import torchvision
+    except ImportError:
+        raise BrnError(
+            f"brn bench --what {part} needs torchvision installed (pip install torchvision)"
+        ) from None
+    return torchvision
+
+
 def bench_model_step(
     arch: str = "resnet18",
     *,
@@ -294,9 +307,9 @@ def bench_model_step(
     """
     import copy
 
-    import torchvision
-
     from .convert import convert_batchnorm
+
+    torchvision = _import_torchvision("models")
 
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -353,10 +366,10 @@ def bench_onnx_fold(
     import tempfile
     from pathlib import Path
 
-    import torchvision
-
     from .convert import convert_batchnorm
     from .export import export_onnx_checked
+
+    torchvision = _import_torchvision("onnx")
 
     torch.manual_seed(0)
     model = convert_batchnorm(getattr(torchvision.models, arch)(), momentum=0.01).eval()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import BrnError, first_line
 
@@ -164,21 +165,37 @@ def human_size(num_bytes: int) -> str:
     return f"{size:.1f} GB"
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    """Global options. Add --debug anywhere to see tracebacks."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from . import __version__
 
-        out.print(f"brn {__version__}")
+        sys.stdout.write(f"brn {__version__}\n")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        # Eager: handled while the options are parsed, so it needs no command (a plain option of the group
+        # callback would only run once a command is given: "Missing command.").
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Global options. Add --debug anywhere to see tracebacks."""
 
 
 # ----------------------------------------------------------------------------------------------
 # inspect / convert
 # ----------------------------------------------------------------------------------------------
+
+
+def file_text(text: object, limit: int = 200) -> str:
+    """A string read from a checkpoint, made safe to print: control characters escaped, cut at `limit`.
+    Print it in a rich Text, never as markup."""
+    from .checkpoint import printable
+
+    return printable(text, limit)
 
 
 @app.command("inspect")
@@ -199,15 +216,20 @@ def inspect_cmd(
     if as_json:
         print_json(report.to_dict())
         return
+    # Names come from the file: shown as plain text (Text objects take no markup or emoji codes) with
+    # control characters escaped.
     out.print(
-        f"[bold]{report.path}[/bold]  format: {report.file_format}"
-        + (f"  arch: {report.arch}" if report.arch else "")
+        Text.assemble(
+            (file_text(report.path), "bold"),
+            f"  format: {report.file_format}",
+            f"  arch: {file_text(report.arch)}" if report.arch else "",
+        )
     )
     if report.top_level_keys:
-        out.print(f"top-level keys: {', '.join(report.top_level_keys[:12])}")
+        out.print(Text("top-level keys: " + ", ".join(file_text(k, 60) for k in report.top_level_keys[:12])))
     out.print(f"parameters: {report.parameters:,}   sample input: {report.input_shape or 'unknown'}")
     if report.trace_error:
-        out.print(f"[yellow]graph: {report.trace_error}[/yellow]")
+        out.print(Text(f"graph: {file_text(report.trace_error)}", style="yellow"))
     if not report.norms:
         out.print("no normalization layers")
         return
@@ -215,17 +237,20 @@ def inspect_cmd(
     for col in ("layer", "type", "C", "eps", "momentum", "fold into / why not", "running stats"):
         table.add_column(col)
     for n in report.norms:
-        fold = f"[green]{n.fold_into}[/green]" if n.fold_into else f"[dim]{n.fold_reason or ''}[/dim]"
-        health = n.health if n.health in ("ok", "no running stats") else f"[red]{n.health}[/red]"
+        if n.fold_into:
+            fold = Text(file_text(n.fold_into), style="green")
+        else:
+            fold = Text(file_text(n.fold_reason or ""), style="dim")
+        healthy = n.health in ("ok", "no running stats")
         mom = "-" if n.momentum is None else f"{n.momentum:g}"
         table.add_row(
-            n.name,
-            n.type,
+            Text(file_text(n.name)),
+            Text(file_text(n.type)),
             str(n.channels or "-"),
             f"{n.eps:g}" if n.eps is not None else "-",
             mom,
             fold,
-            health,
+            Text(file_text(n.health), style="" if healthy else "red"),
         )
     out.print(table)
     foldable = sum(1 for n in report.norms if n.fold_into)
@@ -267,7 +292,13 @@ def convert_cmd(
 
     from .atomic import check_writable
     from .checkpoint import save_brn_checkpoint
-    from .convert import convert_batchnorm, infer_input_shape, max_eval_difference, plan_conversion
+    from .convert import (
+        check_convertible,
+        convert_batchnorm,
+        infer_input_shape,
+        max_eval_difference,
+        plan_conversion,
+    )
     from .errors import VerificationError
 
     if not 0.0 < momentum <= 1.0:
@@ -298,6 +329,7 @@ def convert_cmd(
     if not dry_run and not converting:
         reasons = sorted({d.reason for d in decisions if d.reason})
         raise BrnError(f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})")
+    check_convertible(model, decisions)  # a dry run says so too: NaN/inf statistics or eps <= 0, by layer
 
     if not dry_run:
         original = copy.deepcopy(model)
@@ -353,8 +385,7 @@ def convert_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# schedule / evaluate / calibrate (issue 3; data, schedule, calibrate modules)
-# INTERFACE_CONTRACT_BELOW = docs/issue3-interface.md (the API B1 implements and B2 consumes)
+# schedule / evaluate / calibrate (data, schedule, evaluate, calibrate modules)
 # ----------------------------------------------------------------------------------------------
 DataOpt = Annotated[
     str,
@@ -390,6 +421,14 @@ ResizeSizeOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the batch order and of --val-split.")]
+ChannelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--channels",
+        help="Image folders: load images as 1 (grayscale) or 3 (RGB) channels (default: the input channels of "
+        "the model's first convolution, else 3).",
+    ),
+]
 
 
 @app.command("schedule")
@@ -450,7 +489,14 @@ def schedule_cmd(
 def evaluate_cmd(
     checkpoint: CheckpointArg,
     data: DataOpt,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 256,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Examples per batch (default 256, or every example when fewer; with --sampler grouped:K, "
+            "K x min(256 // K, number of labels), the largest batch that sampler can form).",
+        ),
+    ] = None,
     batch_stats: Annotated[
         bool,
         typer.Option("--batch-stats", help="Also score with minibatch statistics (the train/inference gap)."),
@@ -463,6 +509,7 @@ def evaluate_cmd(
     normalize: NormalizeOpt = None,
     image_size: ImageSizeOpt = None,
     resize_size: ResizeSizeOpt = None,
+    channels: ChannelsOpt = None,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -481,6 +528,7 @@ def evaluate_cmd(
         data,
         val_split=val_split,
         seed=seed,
+        channels=channels,
         **checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size),
     )
     result = evaluate_data(
@@ -539,6 +587,7 @@ def calibrate_cmd(
     normalize: NormalizeOpt = None,
     image_size: ImageSizeOpt = None,
     resize_size: ResizeSizeOpt = None,
+    channels: ChannelsOpt = None,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -559,7 +608,7 @@ def calibrate_cmd(
     dev = resolve_device(device)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
     preprocessing = checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size)
-    bundle = load_data(data, val_split=val_split, seed=seed, **preprocessing)
+    bundle = load_data(data, val_split=val_split, seed=seed, channels=channels, **preprocessing)
     shifts, used = calibrate_data(
         ckpt.model,
         bundle,
@@ -610,7 +659,7 @@ def calibrate_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# finetune (issue 3; finetune module). Interface: docs/issue3-interface.md
+# finetune (finetune and distributed modules)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -629,7 +678,8 @@ def finetune_cmd(
         typer.Option(
             "--data",
             help="Data: .npz (x_train, y_train[, x_val, y_val]), a folder with train/ and val/, "
-            "or package.module:callable returning (train, val).",
+            "or package.module:callable returning (train, val). With --resume: the run's data at a new "
+            "location (checked to be the same data).",
         ),
     ] = None,
     output: Annotated[
@@ -683,6 +733,7 @@ def finetune_cmd(
     normalize: NormalizeOpt = None,
     image_size: ImageSizeOpt = None,
     resize_size: ResizeSizeOpt = None,
+    channels: ChannelsOpt = None,
     augment: Annotated[
         str,
         typer.Option(
@@ -726,27 +777,15 @@ def finetune_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Fine-tune with Batch Renormalization: schedules, non-i.i.d. batches, resumable run folder."""
-    from .finetune import RESUME_OVERRIDABLE, FinetuneConfig, run_finetune
+    from .finetune import FinetuneConfig, run_finetune
 
     if resume is not None:
-        # The run's own settings decide the trajectory: refuse options that would silently be ignored.
-        names = {"compile_model": "compile", "as_json": None, "log_every": "log_every", "nproc": None}
-        for param in ctx.command.params:
-            key = names.get(param.name, param.name)
-            if key is None or key in RESUME_OVERRIDABLE or key in ("checkpoint", "data", "trust_pickle"):
-                continue
-            source = ctx.get_parameter_source(param.name)
-            if source is not None and source.name == "COMMANDLINE":
-                flag = param.opts[0] if param.opts else param.name
-                raise BrnError(
-                    f"{flag} cannot change on --resume: the run keeps the settings in {resume}/config.json"
-                )
-        if output is not None and Path(output).resolve() != Path(resume).resolve():
-            raise BrnError(f"-o {output} differs from --resume {resume}; a resumed run stays in its folder")
-        given_overrides = [
+        # The library decides what may change on --resume; it needs to know which options were given.
+        names = {"compile_model": "compile", "as_json": None, "nproc": None}
+        given_options = [
             names.get(p.name, p.name)
             for p in ctx.command.params
-            if names.get(p.name, p.name) in RESUME_OVERRIDABLE
+            if names.get(p.name, p.name) is not None
             and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"
         ]
     else:
@@ -761,7 +800,7 @@ def finetune_cmd(
     config = FinetuneConfig(
         checkpoint=str(checkpoint or ""),
         data=data or "",
-        output=str(resume if resume is not None else output),
+        output=str(output if output is not None else resume),
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs) or None,
         trust_pickle=trust_pickle,
@@ -785,6 +824,7 @@ def finetune_cmd(
         normalize=normalize,
         image_size=image_size,
         resize_size=resize_size,
+        channels=channels,
         augment=augment,
         device=device,
         amp=amp,
@@ -796,7 +836,7 @@ def finetune_cmd(
         log_every=log_every,
         stats_sync=stats_sync,
         dist_timeout=dist_timeout,
-        resume_overrides=given_overrides if resume is not None else None,
+        resume_overrides=given_options if resume is not None else None,
     )
     import os
 
@@ -844,7 +884,7 @@ def finetune_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# export onnx / export state-dict (issue 4; fold, export modules)
+# export onnx / export state-dict (fold, export, statedict modules)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1064,12 +1104,12 @@ def export_state_dict_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# demo / reproduce / bench (issue 5)
+# demo / reproduce / bench
 # ----------------------------------------------------------------------------------------------
 
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", help="torch threads (default: every core available; never more than that)."),
+    typer.Option("--threads", help="torch threads (default 1: fastest on a busy CPU; at most the cores)."),
 ]
 
 
@@ -1277,38 +1317,89 @@ def bench_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
+# sample-data
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command("sample-data")
+def sample_data_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .npz file to write.")],
+    force: ForceOpt = False,
+) -> None:
+    """Write the bundled sample data (5,000 real MNIST digits, uint8 N x 1 x 28 x 28) as an .npz to try the
+    commands on: x_train, y_train (4,000) and x_val, y_val (1,000)."""
+    import shutil
+
+    from .atomic import check_writable, write_atomic
+    from .samples import SAMPLE_DATA
+
+    check_writable(output, force=force)
+    write_atomic(output, lambda tmp: shutil.copyfile(SAMPLE_DATA, tmp), force=force)
+    out.print(f"wrote {output} ({human_size(output.stat().st_size)}): 4,000 train and 1,000 val digits")
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry: runs the app, turning BrnError into one stderr line and a non-zero exit."""
-    import click
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: runs the app and exits with one code for every way out of it.
+
+    Usage errors: typer's usage message, exit 2. BrnError: one line `brn: error: ...`, its exit code. Ctrl-C:
+    `brn: interrupted`, exit 130. Any other exception: one line naming it, exit 1. `--debug` (anywhere on the
+    line) re-raises instead, for the traceback.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:
         DEBUG["on"] = True
         args = [a for a in args if a != "--debug"]
+    sys.exit(_run_app(args))
+
+
+def _run_app(args: list[str]) -> int:
     try:
-        app(args=args, prog_name="brn", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print("brn: interrupted")
-        sys.exit(130)
+        # standalone_mode=False: typer raises usage errors and typer.Abort instead of printing and exiting,
+        # and *returns* the code of a typer.Exit -- including the Exit(130) it makes of a KeyboardInterrupt.
+        result = app(args=args, prog_name="brn", standalone_mode=False)
+    except KeyboardInterrupt:  # one that arrives outside typer's own handling
+        return _interrupted()
+    except typer.Abort as exc:
+        if isinstance(exc.__cause__, EOFError):
+            # typer reads EOFError as end of input at a prompt; brn has no prompts, so a file ended early.
+            return _unexpected(exc.__cause__)
+        return _interrupted()
+    except typer.TyperException as exc:  # usage errors: typer's own message (usage line, hint, "Error: ...")
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            sys.stderr.write(f"Error: {exc.format_message()}\n")
+        return exc.exit_code
     except BrnError as exc:
         if DEBUG["on"]:
             raise
         sys.stderr.write(f"brn: error: {exc}\n")
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except Exception as exc:
-        if DEBUG["on"]:
-            raise
-        sys.stderr.write(
-            f"brn: error: {type(exc).__name__}: {first_line(exc)} (run with --debug for the traceback)\n"
-        )
-        sys.exit(1)
-    sys.exit(0)
+        return _unexpected(exc)
+    if isinstance(result, int) and not isinstance(result, bool):  # the code of a typer.Exit
+        return _interrupted() if result == INTERRUPTED else result
+    return 0  # the commands return None
+
+
+def _interrupted() -> int:
+    sys.stderr.write("brn: interrupted\n")
+    return INTERRUPTED
+
+
+def _unexpected(exc: BaseException) -> int:
+    if DEBUG["on"]:
+        raise exc
+    sys.stderr.write(
+        f"brn: error: {type(exc).__name__}: {first_line(exc)} (run with --debug for the traceback)\n"
+    )
+    return 1

@@ -64,7 +64,7 @@ class DemoConfig:
 
     output: str = "brn-demo"
     device: str = "auto"
-    threads: int | None = None  # None: every core this process may use
+    threads: int | None = None  # None: DEFAULT_THREADS
     pretrain_steps: int = 300
     steps: int = 400  # fine-tuning steps per run
     batch_size: int = 32
@@ -122,6 +122,13 @@ class DemoResult:
             "runs": {k: asdict(v) for k, v in self.runs.items()},
             "files": self.files,
         }
+
+
+# One torch thread unless asked for more. The demo's model is small (78k parameters, batches of 32), so a
+# second thread gains little on a quiet machine, while on a busy shared one the OpenMP threads wait for each
+# other: the full demo took 128-175 s with 2 threads on a loaded 2-core machine against 28 s with 1, and
+# `--quick` 22-30 s against 15-17 s (load average 2-4.5).
+DEFAULT_THREADS = 1
 
 
 def available_threads() -> int:
@@ -223,7 +230,7 @@ def run_demo(
     _validate(config)
     out = _prepare_output(config)
     t0 = time.perf_counter()
-    threads = set_threads(config.threads)
+    threads = set_threads(DEFAULT_THREADS if config.threads is None else config.threads)
 
     import torch
 

@@ -230,3 +230,234 @@ def test_malicious_pickle_does_not_run(run_cli, tmp_path):
     res = run_cli("convert", evil, "-o", out, *ARCH, "--trust-pickle")
     assert marker.exists()
     assert res.code != 0 and not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: usage errors, --version, bare groups, interruptions, through the real entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _brn(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m brn_cli ARGS` in a fresh interpreter: the console script's code path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "brn_cli", *args], capture_output=True, text=True, env=env, cwd=cwd, **kwargs
+    )
+
+
+USAGE_ERRORS = {
+    "unknown-option": (["inspect", "x.pt", "--bogus"], "No such option: --bogus"),
+    "missing-argument": (["inspect"], "Missing argument 'checkpoint'"),
+    "bad-int": (["schedule", "paper-scaled", "--steps", "abc"], "'--steps'"),
+    "unknown-command": (["nosuch"], "No such command 'nosuch'"),
+    "unknown-subcommand": (["export", "tflite"], "No such command 'tflite'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USAGE_ERRORS))
+def test_usage_errors_print_typer_usage_and_exit_2(run_cli, name):
+    args, message = USAGE_ERRORS[name]
+    res = run_cli(*args)
+    assert res.code == 2, (res.code, res.err)
+    assert res.err.startswith("Usage: brn "), res.err
+    assert "--help' for help." in res.err
+    assert res.err_lines[-1].startswith("Error: ") and message in res.err_lines[-1], res.err
+    assert "brn: error" not in res.err and "Traceback" not in res.err and res.out == ""
+
+
+def test_usage_error_through_the_console_entry_point(tmp_path):
+    proc = _brn("inspect", "x.pt", "--bogus", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("Usage: brn inspect [OPTIONS] "), proc.stderr
+    assert proc.stderr.rstrip().endswith("Error: No such option: --bogus"), proc.stderr
+
+
+def test_version_prints_the_version_and_exits_0(run_cli, tmp_path):
+    from brn_cli import __version__
+
+    res = run_cli("--version")
+    assert (res.code, res.out, res.err) == (0, f"brn {__version__}\n", "")
+    proc = _brn("--version", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"brn {__version__}\n", "")
+
+
+@pytest.mark.parametrize("group", [[], ["export"]], ids=["brn", "brn-export"])
+def test_a_bare_group_shows_its_help(run_cli, group):
+    res = run_cli(*group)
+    assert res.code == 2  # typer's no_args_is_help: the help text, exit code of a usage error
+    text = res.out + res.err
+    assert text.startswith(f"Usage: {' '.join(['brn', *group])} [OPTIONS] COMMAND [ARGS]..."), text
+    assert "Commands:" in text and "--help" in text
+    assert "onnx" in text if group else "finetune" in text
+    assert "Error" not in text and "brn: error" not in text
+
+
+def _fake_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    return path
+
+
+LOADING_COMMANDS = {  # each reaches brn_cli.checkpoint.load_checkpoint
+    "inspect": ["inspect", "{ckpt}"],
+    "convert": ["convert", "{ckpt}", "-o", "{tmp}/out.pt"],
+    "evaluate": ["evaluate", "{ckpt}", "--data", "{tmp}/d.npz"],
+    "calibrate": ["calibrate", "{ckpt}", "--data", "{tmp}/d.npz", "-o", "{tmp}/cal.pt"],
+    "export-onnx": ["export", "onnx", "{ckpt}", "-o", "{tmp}/m.onnx"],
+    "export-state-dict": ["export", "state-dict", "{ckpt}", "-o", "{tmp}/m.pth"],
+}
+
+
+@pytest.mark.parametrize("signal_exc", [KeyboardInterrupt, "typer.Abort"], ids=["ctrl-c", "abort"])
+@pytest.mark.parametrize("command", sorted(LOADING_COMMANDS))
+def test_an_interruption_inside_a_command_exits_130(run_cli, monkeypatch, tmp_path, command, signal_exc):
+    import typer
+
+    import brn_cli.checkpoint
+
+    exc_type = typer.Abort if signal_exc == "typer.Abort" else signal_exc
+
+    def interrupted(*args, **kwargs):
+        raise exc_type()
+
+    monkeypatch.setattr(brn_cli.checkpoint, "load_checkpoint", interrupted)
+    ckpt = _fake_checkpoint(tmp_path)
+    args = [a.format(ckpt=ckpt, tmp=tmp_path) for a in LOADING_COMMANDS[command]]
+    res = run_cli(*args)
+    assert (res.code, res.err_lines) == (130, ["brn: interrupted"]), (res.code, res.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # nothing written
+
+
+def test_an_eof_inside_a_command_is_an_error_not_an_interruption(run_cli, monkeypatch, tmp_path):
+    """typer turns an EOFError (end of input at a prompt) into Abort: brn has no prompts, so it is a file that
+    ended early -- one error line, not "brn: interrupted" and not "Abort: Abort"."""
+    import brn_cli.checkpoint
+
+    def truncated(*args, **kwargs):
+        raise EOFError("No data left in file")
+
+    monkeypatch.setattr(brn_cli.checkpoint, "load_checkpoint", truncated)
+    res = run_cli("inspect", _fake_checkpoint(tmp_path))
+    assert res.code == 1, (res.code, res.err)
+    assert res.err_lines == [
+        "brn: error: EOFError: No data left in file (run with --debug for the traceback)"
+    ], res.err
+    from brn_cli.cli import DEBUG, main
+
+    monkeypatch.setitem(DEBUG, "on", False)  # main() turns it on; restored after the test
+    with pytest.raises(EOFError):  # --debug: the original exception, not typer's Abort
+        main(["inspect", str(_fake_checkpoint(tmp_path)), "--debug"])
+
+
+def test_an_empty_npz_is_one_line_naming_the_file(run_cli, tmp_path):
+    from brn_cli.samples.models import mlp
+
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(mlp().state_dict(), ckpt)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    res = run_cli("evaluate", ckpt, "--arch", "brn_cli.samples.models:mlp", "--data", empty)
+    assert res.code == 2, (res.code, res.err)
+    assert len(res.err_lines) == 1 and res.err_lines[0].startswith("brn: error: "), res.err
+    assert "empty.npz" in res.err and "Abort" not in res.err and "interrupted" not in res.err
+
+
+def _sigint_while_reading(args: list[str], fifo: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `brn ARGS` whose --data is the FIFO `fifo`; SIGINT it once it is blocked reading that FIFO.
+
+    Opening a FIFO for writing succeeds only once a reader has opened it, so when the open below returns
+    the command is running (past parsing, inside its data loading): no sleeps, no race.
+    """
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "brn_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    deadline = time.monotonic() + 300
+    writer = None
+    while writer is None:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the reader is there
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"brn never opened {fifo.name}: rc={proc.returncode}\n{err}")
+            time.sleep(0.05)
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        os.close(writer)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["evaluate", "calibrate", "finetune"])
+def test_ctrl_c_mid_command_exits_130_with_one_line(tmp_path, command):
+    from brn_cli.samples.models import mlp
+
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(mlp().state_dict(), ckpt)
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)
+    arch = ["--arch", "brn_cli.samples.models:mlp"]
+    args = {
+        "evaluate": ["evaluate", str(ckpt), *arch, "--data", str(fifo)],
+        "calibrate": ["calibrate", str(ckpt), *arch, "--data", str(fifo), "-o", "cal.pt"],
+        "finetune": ["finetune", str(ckpt), *arch, "--data", str(fifo), "-o", "run", "--steps", "5"],
+    }[command]
+    proc = _sigint_while_reading(args, fifo, tmp_path)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == ["brn: interrupted"], proc.stderr
+    assert not (tmp_path / "cal.pt").exists()
+
+
+def test_debug_gives_the_traceback_through_the_console_entry_point(tmp_path):
+    proc = _brn("convert", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt"), "--debug", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr and "BrnError" in proc.stderr
+    proc = _brn("convert", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("brn: error: ") and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_demo_defaults_to_one_thread(run_cli, tmp_path):
+    """A busy shared CPU makes extra OpenMP threads cost far more than they give: one thread by default."""
+    threads_before = torch.get_num_threads()
+    try:
+        res = run_cli("demo", "--quick", "--pretrain-steps", "10", "--steps", "6", "-o", tmp_path / "d")
+    finally:
+        torch.set_num_threads(threads_before)
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["threads"] == 1
+    assert "(1 thread)" in res.out
+
+
+def test_sample_data_writes_the_bundled_digits(run_cli, tmp_path):
+    import numpy as np
+
+    from brn_cli.samples import SAMPLE_DATA
+
+    out = tmp_path / "digits.npz"
+    res = run_cli("sample-data", "-o", out)
+    assert res.code == 0, res.err
+    assert out.read_bytes() == SAMPLE_DATA.read_bytes()
+    with np.load(out) as arrays:
+        assert sorted(arrays.files) == ["x_train", "x_val", "y_train", "y_val"]
+        assert arrays["x_train"].shape[1:] == (1, 28, 28)
+    assert str(out) in res.out
+    out.write_bytes(b"mine")  # never overwritten without --force
+    res = run_cli("sample-data", "-o", out)
+    assert res.code == 2 and len(res.err_lines) == 1 and "--force" in res.err
+    assert out.read_bytes() == b"mine"
+    assert run_cli("sample-data", "-o", out, "--force").code == 0
+    assert out.read_bytes() == SAMPLE_DATA.read_bytes()
