@@ -108,8 +108,9 @@ def test_cli_calibrate_writes_brn_checkpoint(tmp_path, capsys):
             ]
         )
     assert exit_info.value.code == 0, capsys.readouterr().err
-    ckpt = load_checkpoint(out)
-    assert ckpt.provenance["command"] == "calibrate" and ckpt.arch_spec == "tests.test_calibrate:_toy"
+    ckpt = load_checkpoint(out, arch="tests.test_calibrate:_toy")
+    assert ckpt.provenance["command"] == "calibrate"
+    assert torch.load(out, weights_only=True)["arch"]["spec"] == "tests.test_calibrate:_toy"
     assert not torch.equal(ckpt.model[2].running_var, torch.ones(8))
     # Existing output without --force: refused, file untouched.
     before = out.read_bytes()
@@ -133,7 +134,9 @@ def test_cli_calibrate_gray_image_folder_takes_the_models_channels(tmp_path, run
     out = tmp_path / "cal.pt"
     result = run_cli("calibrate", tmp_path / "m.pt", *common, "-o", out, "--json")
     assert result.code == 0, result.err
-    assert not torch.equal(load_checkpoint(out).model[1].running_var, torch.ones(4))
+    assert not torch.equal(
+        load_checkpoint(out, arch="test_data:tiny_gray").model[1].running_var, torch.ones(4)
+    )
     refused = tmp_path / "refused.pt"
     result = run_cli("calibrate", tmp_path / "m.pt", *common, "-o", refused, "--channels", "3")
     assert result.code == 2 and result.err_lines == [

@@ -310,7 +310,8 @@ def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_c
     torch.manual_seed(0)
     torch.save(tiny_rgb().state_dict(), tmp_path / "bn.pt")
     run = tmp_path / "run"
-    common = ["--data", str(tmp_path / "data"), "--arch", "test_data:tiny_rgb"]
+    arch = ["--arch", "test_data:tiny_rgb"]  # recorded in best.pt, but brn runs no arch from a file
+    common = ["--data", str(tmp_path / "data"), *arch]
     result = run_cli(
         "finetune", tmp_path / "bn.pt", *common, "-o", run, "--image-size", "12", "--steps", "2",
         "--batch-size", "4", "--json",
@@ -319,14 +320,14 @@ def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_c
     saved = torch.load(run / "best.pt", weights_only=True)
     assert saved["preprocessing"] == {"image_size": 12, "resize_size": 14}
     assert saved["input_shape"] == [2, 3, 12, 12]
-    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--json")
+    result = run_cli("evaluate", run / "best.pt", *common, "--json")
     assert result.code == 0, result.err
     assert "center-cropped to 12, as recorded in best.pt" in result.err
     assert "center-cropped to 12x12" in json.loads(result.out)["data"]
     # Given on the command line, the option wins; on non-folder data it is one clear error.
-    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--image-size", "20", "--json")
+    result = run_cli("evaluate", run / "best.pt", *common, "--image-size", "20", "--json")
     assert result.code == 0 and "center-cropped to 20x20" in json.loads(result.out)["data"]
-    result = run_cli("evaluate", run / "best.pt", "--data", SAMPLE_DATA, "--image-size", "20")
+    result = run_cli("evaluate", run / "best.pt", "--data", SAMPLE_DATA, *arch, "--image-size", "20")
     assert result.code == 2 and result.err_lines == [
         "brn: error: --image-size applies to ImageFolder directories; prepare mnist_5k.npz at the size the model "
         "needs"
@@ -334,9 +335,7 @@ def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_c
     # calibrate records the preprocessing its statistics were measured with: recorded, or given instead.
     for extra, expected in (([], 12), (["--image-size", "10"], 10)):
         out = tmp_path / f"cal{expected}.pt"
-        result = run_cli(
-            "calibrate", run / "best.pt", "--data", tmp_path / "data", "-o", out, "--batch-size", "4", *extra
-        )
+        result = run_cli("calibrate", run / "best.pt", *common, "-o", out, "--batch-size", "4", *extra)
         assert result.code == 0, result.err
         assert torch.load(out, weights_only=True)["preprocessing"]["image_size"] == expected
 
@@ -645,10 +644,10 @@ def test_gray_image_folder_with_a_gray_model_through_finetune_and_evaluate(tmp_p
                      "--json")  # fmt: skip
     assert result.code == 0, result.err
     assert torch.load(run / "best.pt", weights_only=True)["input_shape"] == [2, 1, 28, 28]
-    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--json")
+    result = run_cli("evaluate", run / "best.pt", *common, "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)["inference"]["examples"] == 8
-    result = run_cli("evaluate", run / "best.pt", "--data", tmp_path / "data", "--channels", "3")
+    result = run_cli("evaluate", run / "best.pt", *common, "--channels", "3")
     assert result.code == 2 and result.err_lines == [
         f"brn: error: {tmp_path / 'data'}: the examples have 3 channels but the model's first layer (0) takes 1 "
         "(pass --channels 1)"

@@ -453,7 +453,11 @@ def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
     # `brn finetune --resume --nproc 2`: 2 x 16 continue the global batch of 32 from step 4; rank 1 dies in
     # its 3rd training forward (step 7), after last.pt of step 6 was written.
     # (--save-every is one of the options a resume takes from the command line, defaults included.)
-    result = run_cli("finetune", "--resume", out, "--nproc", "2", "--device", "cpu", "--save-every", "2")
+    # (--arch too: the recorded test arch is not allow-listed; its recorded kwargs, die_at, still apply.)
+    result = run_cli(
+        "finetune", "--resume", out, "--arch", "test_distributed:tiny_mlp", "--nproc", "2", "--device", "cpu",
+        "--save-every", "2",
+    )  # fmt: skip
     assert result.code != 0
     assert len(result.err_lines) == 1, result.err
     message = result.err_lines[0]

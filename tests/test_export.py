@@ -248,6 +248,10 @@ def test_state_dict_loads_strict_into_original_torchvision_class(fmt, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+# The checkpoints record their arch, but brn builds no arch named in a file unless it is allow-listed.
+MLP_ARCH = ("--arch", "test_export:Mlp")
+
+
 @pytest.fixture
 def mlp_checkpoint(tmp_path):
     path = tmp_path / "mlp.brn.pt"
@@ -257,33 +261,37 @@ def mlp_checkpoint(tmp_path):
 
 def test_cli_export_onnx_and_state_dict(run_cli, mlp_checkpoint, tmp_path):
     out = tmp_path / "mlp.onnx"
-    res = run_cli("export", "onnx", mlp_checkpoint, "-o", out)
+    res = run_cli("export", "onnx", mlp_checkpoint, *MLP_ARCH, "-o", out)
     assert res.code == 0, res.err
     assert "✓" in res.out and "✗" not in res.out and "BatchNormalization: 0" in res.out
     assert f"wrote {out}" in res.out
-    again = run_cli("export", "onnx", mlp_checkpoint, "-o", out)
+    again = run_cli("export", "onnx", mlp_checkpoint, *MLP_ARCH, "-o", out)
     assert again.code != 0 and "--force" in again.err
-    res = run_cli("export", "onnx", mlp_checkpoint, "-o", out, "--force", "--json", "--benchmark")
+    res = run_cli("export", "onnx", mlp_checkpoint, *MLP_ARCH, "-o", out, "--force", "--json", "--benchmark")
     data = json.loads(res.out)
     assert data["written"] and data["verify"]["passed"] and data["batchnorm_nodes"] == 0
     assert data["benchmark"]["ratio_unfolded_over_folded"]["default"] > 0
-    res = run_cli("export", "state-dict", mlp_checkpoint, "-o", tmp_path / "mlp.safetensors")
+    res = run_cli("export", "state-dict", mlp_checkpoint, *MLP_ARCH, "-o", tmp_path / "mlp.safetensors")
     assert res.code == 0 and "strict=True" in res.out
 
 
 def test_cli_verification_failure_exits_nonzero(run_cli, mlp_checkpoint, tmp_path):
     out = tmp_path / "mlp.onnx"
-    res = run_cli("export", "onnx", mlp_checkpoint, "-o", out, "--atol", "0", "--rtol", "0")
+    res = run_cli("export", "onnx", mlp_checkpoint, *MLP_ARCH, "-o", out, "--atol", "0", "--rtol", "0")
     assert res.code == 1 and "✗" in res.out
     assert "verification failed" in res.err and "not written" in res.err and not out.exists()
 
 
 def test_cli_bad_inputs(run_cli, mlp_checkpoint, tmp_path):
-    res = run_cli("export", "onnx", mlp_checkpoint, "-o", tmp_path / "x.onnx", "--input-shape", "4,7")
+    res = run_cli(
+        "export", "onnx", mlp_checkpoint, *MLP_ARCH, "-o", tmp_path / "x.onnx", "--input-shape", "4,7"
+    )
     assert res.code == 2 and "input shape" in res.err and len(res.err_lines) == 1
-    res = run_cli("export", "onnx", mlp_checkpoint, "-o", tmp_path / "missing" / "x.onnx")
+    res = run_cli("export", "onnx", mlp_checkpoint, *MLP_ARCH, "-o", tmp_path / "missing" / "x.onnx")
     assert res.code == 2 and "does not exist" in res.err
-    res = run_cli("export", "state-dict", mlp_checkpoint, "-o", tmp_path / "x.bin", "--format", "npz")
+    res = run_cli(
+        "export", "state-dict", mlp_checkpoint, *MLP_ARCH, "-o", tmp_path / "x.bin", "--format", "npz"
+    )
     assert res.code == 2 and "--format" in res.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.brn.pt"]
 
@@ -307,9 +315,10 @@ class Untraceable(nn.Module):
 def test_cli_untraceable_points_at_no_fold(run_cli, tmp_path):
     ckpt = tmp_path / "u.pt"
     save_brn_checkpoint(renorm(Untraceable()), ckpt, arch_spec="test_export:Untraceable", input_shape=[2, 4])
-    res = run_cli("export", "onnx", ckpt, "-o", tmp_path / "u.onnx")
+    arch = ("--arch", "test_export:Untraceable")
+    res = run_cli("export", "onnx", ckpt, *arch, "-o", tmp_path / "u.onnx")
     assert res.code == 2 and "'gate'" in res.err and "--no-fold" in res.err
-    res = run_cli("export", "onnx", ckpt, "-o", tmp_path / "u.onnx", "--no-fold")
+    res = run_cli("export", "onnx", ckpt, *arch, "-o", tmp_path / "u.onnx", "--no-fold")
     assert res.code == 0, res.err
 
 

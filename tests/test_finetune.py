@@ -200,7 +200,9 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted_run, bn_checkpoint_drop
     killed_at = _saved_step(out / "last.pt")
     assert killed_at is not None and killed_at < 250, "the run finished before it could be killed"
 
-    resumed = subprocess.run(_cli("--resume", str(out), "--json"), env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli("--resume", str(out), "--arch", ARCH, "--json"), env=_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed_from"] == killed_at
 
@@ -228,7 +230,9 @@ def test_sigterm_saves_and_exits_143(uninterrupted_run, bn_checkpoint_dropout, t
     stopped_at = _saved_step(out / "last.pt")
     assert stopped_at is not None and 10 <= stopped_at < 250
     # The signal checkpoint is a valid resume point too.
-    resumed = subprocess.run(_cli("--resume", str(out), "--json"), env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli("--resume", str(out), "--arch", ARCH, "--json"), env=_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, b = _state(uninterrupted_run / "last.pt"), _state(out / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -246,7 +250,11 @@ def test_run_folder_contents_and_checkpoints(uninterrupted_run):
     assert training["step"] == 250 and training["optimizer"]["state"]
     assert {"torch", "numpy", "python"} <= set(training["rng"])
     assert training["renorm_schedule"]["step"] == 250
-    loaded = load_checkpoint(uninterrupted_run / "best.pt")  # no --arch needed: the run recorded it
+    best_raw = torch.load(uninterrupted_run / "best.pt", map_location="cpu", weights_only=True)
+    assert best_raw["arch"] == {"spec": ARCH, "kwargs": {"dropout": 0.2}}
+    # A test module's arch is not allow-listed, so it is named again; its kwargs come from the file.
+    loaded = load_checkpoint(uninterrupted_run / "best.pt", arch=ARCH)
+    assert loaded.arch_kwargs == {"dropout": 0.2}
     layers = [m for m in loaded.model.modules() if isinstance(m, BatchRenormNd)]
     assert len(layers) == 3 and all(m.momentum == 0.01 for m in layers)
     evals = [
@@ -444,10 +452,10 @@ def test_resume_keeps_the_runs_options_unless_given_again(bn_checkpoint, tmp_pat
     def used_config() -> dict:
         return torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training"]["config"]
 
-    result = run_cli("finetune", "--resume", str(out))
+    result = run_cli("finetune", "--resume", str(out), "--arch", ARCH)
     assert result.code == 0, result.err
     assert used_config()["save_every"] == 2 and used_config()["eval_every"] == 2
-    result = run_cli("finetune", "--resume", str(out), "--eval-every", "1")
+    result = run_cli("finetune", "--resume", str(out), "--arch", ARCH, "--eval-every", "1")
     assert result.code == 0, result.err
     assert used_config()["save_every"] == 2 and used_config()["eval_every"] == 1
 
@@ -509,7 +517,9 @@ def test_evaluate_and_calibrate_use_the_normalization_the_run_recorded(bn_checkp
     assert torch.load(out / "best.pt", weights_only=True)["preprocessing"] == {"normalize": norm}
 
     def accuracy(*extra: str) -> tuple[float, str]:
-        result = run_cli("evaluate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "--json", *extra)
+        result = run_cli(
+            "evaluate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "--arch", ARCH, "--json", *extra
+        )
         assert result.code == 0, result.err
         return json.loads(result.out)["inference"]["accuracy"], result.err
 
@@ -517,7 +527,10 @@ def test_evaluate_and_calibrate_use_the_normalization_the_run_recorded(bn_checkp
     assert accuracy("--normalize", norm)[0] == recorded and "as recorded in best.pt" in note
     assert accuracy("--normalize", "none")[0] != recorded
     cal = tmp_path / "cal.pt"
-    assert run_cli("calibrate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "-o", str(cal)).code == 0
+    result = run_cli(
+        "calibrate", str(out / "best.pt"), "--data", str(SAMPLE_DATA), "--arch", ARCH, "-o", str(cal)
+    )
+    assert result.code == 0, result.err
     assert torch.load(cal, weights_only=True)["preprocessing"] == {"normalize": norm}
 
 
@@ -592,7 +605,8 @@ def test_fp16_skipped_updates_do_not_advance_the_schedules(bn_checkpoint, tmp_pa
         if "running" in k or k.endswith("weight")
     )
     # The resumed run builds a new model, which overflows twice more: the scale halves from the SAVED value.
-    result = run_finetune(FinetuneConfig(checkpoint="", data="", output="", resume=str(out)), progress=False)
+    resume = FinetuneConfig(checkpoint="", data="", output="", resume=str(out), arch=cfg.arch)
+    result = run_finetune(resume, progress=False)
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["training"]["scaler"]["scale"] == 2.0**12
     assert saved["training"]["renorm_schedule"]["step"] == 9 - 4
@@ -625,7 +639,8 @@ def test_augmented_run_resumes_exactly_with_other_workers(bn_checkpoint, tmp_pat
     with pytest.raises(FinetuneInterrupted):
         run_finetune(config(stopped, 5), progress=False)
     assert torch.load(stopped / "last.pt", weights_only=True)["training"]["step"] == 5
-    resume = FinetuneConfig(checkpoint="", data="", output="", resume=str(stopped), num_workers=2)
+    arch = "test_finetune:InfGradientFirst"  # the run's arch and kwargs, named again (not allow-listed)
+    resume = FinetuneConfig(checkpoint="", data="", output="", resume=str(stopped), num_workers=2, arch=arch)
     resume.resume_overrides = ["num_workers"]
     resumed = run_finetune(resume, progress=False)
     assert resumed.resumed_from == 5 and resumed.steps == 8
