@@ -4,7 +4,7 @@
     python benchmarks/bench_all.py --device cuda        # the same on a GPU (layer and model timings synchronized)
     python benchmarks/bench_all.py --what models --json out.json
 
-Same code as `brn bench` (brn_cli.bench.run_benchmarks). torchrl is measured only when it imports; do not
+Same code as `brn bench` (brn_cli.recipes.bench.run_benchmarks). torchrl is measured only when it imports; do not
 install it into the project's environment (it may pull another torch): use a throwaway venv that sees the
 project's packages, e.g. a `.pth` file pointing at them, and `pip install --no-deps torchrl tensordict pyvers`.
 """
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from brn_cli.bench import benchmarks_markdown, run_benchmarks
-    from brn_cli.demo import set_threads
+    from brn_cli.recipes.bench import benchmarks_markdown, run_benchmarks
+    from brn_cli.recipes.demo import set_threads
 
     set_threads(args.threads)
     results = run_benchmarks(

@@ -1,7 +1,7 @@
 """BatchRenorm2d vs nn.BatchNorm2d, measured side by side in one run.
 
 Prints the training (forward + backward) and eval time ratios renorm / batchnorm and PASS/FAIL against
-issue 2's targets (1.10 and 1.02). Timing logic: brn_cli.bench.bench_layer (interleaved repetitions,
+issue 2's targets (1.10 and 1.02). Timing logic: brn_cli.recipes.bench.bench_layer (interleaved repetitions,
 warm-up, medians). Not a test: the numbers depend on the machine and its load.
 
     python benchmarks/bench_layer.py                       # (32,64,56,56) fp32 NCHW on CPU
@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from brn_cli.bench import bench_layer
+from brn_cli.recipes.bench import bench_layer
 
 DTYPES = {
     "float32": torch.float32,

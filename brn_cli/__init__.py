@@ -8,45 +8,45 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from brn_cli._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
-    "BatchRenorm1d": "layer",
-    "BatchRenorm2d": "layer",
-    "BatchRenorm3d": "layer",
-    "BatchRenormNd": "layer",
-    "BatchRenormAct": "layer",
-    "RenormTelemetry": "layer",
-    "batch_renorm": "layer",
-    "collect_telemetry": "layer",
-    "convert_batchnorm": "convert",
-    "plan_conversion": "convert",
-    "restore_batchnorm": "convert",
-    "load_checkpoint": "checkpoint",
-    "save_brn_checkpoint": "checkpoint",
-    "build_arch": "checkpoint",
-    "find_fold_sites": "graph",
-    "fold_model": "fold",
-    "FoldResult": "fold",
-    "export_onnx_checked": "export",
-    "verify_onnx": "verify",
-    "export_state_dict": "statedict",
-    "inspect_model": "inspection",
+    "BatchRenorm1d": "nn.layer",
+    "BatchRenorm2d": "nn.layer",
+    "BatchRenorm3d": "nn.layer",
+    "BatchRenormNd": "nn.layer",
+    "BatchRenormAct": "nn.layer",
+    "RenormTelemetry": "nn.layer",
+    "batch_renorm": "nn.layer",
+    "collect_telemetry": "nn.layer",
+    "convert_batchnorm": "nn.convert",
+    "plan_conversion": "nn.convert",
+    "restore_batchnorm": "nn.convert",
+    "load_checkpoint": "storage.checkpoint",
+    "save_brn_checkpoint": "storage.checkpoint",
+    "build_arch": "storage.checkpoint",
+    "find_fold_sites": "deploy.graph",
+    "fold_model": "deploy.fold",
+    "FoldResult": "deploy.fold",
+    "export_onnx_checked": "deploy.export",
+    "verify_onnx": "deploy.verify",
+    "export_state_dict": "storage.statedict",
+    "inspect_model": "deploy.inspection",
     "BrnError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import build_arch, load_checkpoint, save_brn_checkpoint
-    from .convert import convert_batchnorm, plan_conversion, restore_batchnorm
-    from .errors import BrnError
-    from .export import export_onnx_checked
-    from .fold import FoldResult, fold_model
-    from .graph import find_fold_sites
-    from .inspection import inspect_model
-    from .layer import (
+    from brn_cli.deploy.export import export_onnx_checked
+    from brn_cli.deploy.fold import FoldResult, fold_model
+    from brn_cli.deploy.graph import find_fold_sites
+    from brn_cli.deploy.inspection import inspect_model
+    from brn_cli.deploy.verify import verify_onnx
+    from brn_cli.errors import BrnError
+    from brn_cli.nn.convert import convert_batchnorm, plan_conversion, restore_batchnorm
+    from brn_cli.nn.layer import (
         BatchRenorm1d,
         BatchRenorm2d,
         BatchRenorm3d,
@@ -56,8 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
         batch_renorm,
         collect_telemetry,
     )
-    from .statedict import export_state_dict
-    from .verify import verify_onnx
+    from brn_cli.storage.checkpoint import build_arch, load_checkpoint, save_brn_checkpoint
+    from brn_cli.storage.statedict import export_state_dict
 
 
 def __getattr__(name: str) -> Any:

@@ -19,9 +19,9 @@ from pathlib import Path
 # Run from a checkout without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brn_cli.atomic import check_writable, write_atomic  # noqa: E402
 from brn_cli.errors import BrnError  # noqa: E402
 from brn_cli.samples.models import SAMPLE_ARCHS  # noqa: E402
+from brn_cli.storage.atomic import check_writable, write_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.output, force=args.force)  # fail before training, not after
         import torch
 
-        from brn_cli.samples.pretrain import pretrain_batchnorm
+        from brn_cli.recipes.pretrain import pretrain_batchnorm
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)

@@ -21,8 +21,8 @@ class CliResult:
 
 @pytest.fixture
 def run_cli(capsys) -> Callable[..., CliResult]:
-    """Call `brn_cli.cli.main(argv)` as the console script would; return exit code, stdout and stderr."""
-    from brn_cli.cli import DEBUG, main
+    """Call `brn_cli.cli.app.main(argv)` as the console script would; return exit code, stdout and stderr."""
+    from brn_cli.cli.app import DEBUG, main
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()  # drop anything printed before

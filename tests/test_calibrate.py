@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.calibrate import calibrate
-from brn_cli.checkpoint import load_checkpoint
-from brn_cli.cli import main
+from brn_cli.cli.app import main
 from brn_cli.errors import BrnError
-from brn_cli.layer import BatchRenorm2d
+from brn_cli.evaluation.calibrate import calibrate
+from brn_cli.nn.layer import BatchRenorm2d
+from brn_cli.storage.checkpoint import load_checkpoint
 
 
 def _data(n=48):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.checkpoint import FORMAT_NAME, FORMAT_VERSION, load_checkpoint, save_brn_checkpoint
-from brn_cli.convert import convert_batchnorm, max_eval_difference
 from brn_cli.errors import BrnError
-from brn_cli.layer import BatchRenorm2d, BatchRenormNd
+from brn_cli.nn.convert import convert_batchnorm, max_eval_difference
+from brn_cli.nn.layer import BatchRenorm2d, BatchRenormNd
+from brn_cli.storage.checkpoint import FORMAT_NAME, FORMAT_VERSION, load_checkpoint, save_brn_checkpoint
 
 ARCH = "torchvision:shufflenet_v2_x0_5"
 KWARGS = {"num_classes": 10}
@@ -17,7 +17,7 @@ KWARGS = {"num_classes": 10}
 
 @pytest.fixture(scope="module")
 def source_model() -> nn.Module:
-    from brn_cli.checkpoint import build_arch
+    from brn_cli.storage.checkpoint import build_arch
 
     model = build_arch(ARCH, KWARGS)
     gen = torch.Generator().manual_seed(0)

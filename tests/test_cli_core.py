@@ -1,4 +1,4 @@
-"""`brn inspect` and `brn convert` through the real CLI entry point (brn_cli.cli.main).
+"""`brn inspect` and `brn convert` through the real CLI entry point (brn_cli.cli.app.main).
 
 Most runs are in-process (`run_cli` in conftest.py: same code path as the console script, without paying
 for a fresh torch import); the malicious-pickle check also runs `python -m brn_cli` in a subprocess.
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """A plain state_dict file of a small torchvision model with non-trivial BatchNorm statistics."""
-    from brn_cli.checkpoint import build_arch
+    from brn_cli.storage.checkpoint import build_arch
 
     model = build_arch("torchvision:shufflenet_v2_x0_5", {"num_classes": 10})
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +59,7 @@ def test_convert_then_inspect_without_arch(run_cli, weights, tmp_path):
     assert first["name"] == "conv1.1" and first["type"] == "BatchRenorm2d" and first["channels"] == 24
     assert first["eps"] == 1e-5 and first["momentum"] == 0.05 and first["health"] == "ok"
     assert first["fold_into"] == "conv1.0"  # Conv -> BN pair found on the traced graph
-    from brn_cli.checkpoint import build_arch
+    from brn_cli.storage.checkpoint import build_arch
 
     n_params = sum(
         p.numel() for p in build_arch("torchvision:shufflenet_v2_x0_5", {"num_classes": 10}).parameters()
@@ -194,7 +194,7 @@ def test_each_bad_input_gives_one_line_and_no_output(run_cli, weights, tmp_path)
 
 
 def test_debug_shows_the_exception(run_cli, tmp_path):
-    from brn_cli.cli import main
+    from brn_cli.cli.app import main
     from brn_cli.errors import BrnError
 
     with pytest.raises(BrnError, match="no such file"):
@@ -273,7 +273,7 @@ def test_usage_error_through_the_console_entry_point(tmp_path):
 
 
 def test_version_prints_the_version_and_exits_0(run_cli, tmp_path):
-    from brn_cli import __version__
+    from brn_cli._version import __version__
 
     res = run_cli("--version")
     assert (res.code, res.out, res.err) == (0, f"brn {__version__}\n", "")
@@ -298,7 +298,7 @@ def _fake_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-LOADING_COMMANDS = {  # each reaches brn_cli.checkpoint.load_checkpoint
+LOADING_COMMANDS = {  # each reaches brn_cli.storage.checkpoint.load_checkpoint
     "inspect": ["inspect", "{ckpt}"],
     "convert": ["convert", "{ckpt}", "-o", "{tmp}/out.pt"],
     "evaluate": ["evaluate", "{ckpt}", "--data", "{tmp}/d.npz"],
@@ -313,14 +313,14 @@ LOADING_COMMANDS = {  # each reaches brn_cli.checkpoint.load_checkpoint
 def test_an_interruption_inside_a_command_exits_130(run_cli, monkeypatch, tmp_path, command, signal_exc):
     import typer
 
-    import brn_cli.checkpoint
+    import brn_cli.storage.checkpoint
 
     exc_type = typer.Abort if signal_exc == "typer.Abort" else signal_exc
 
     def interrupted(*args, **kwargs):
         raise exc_type()
 
-    monkeypatch.setattr(brn_cli.checkpoint, "load_checkpoint", interrupted)
+    monkeypatch.setattr(brn_cli.storage.checkpoint, "load_checkpoint", interrupted)
     ckpt = _fake_checkpoint(tmp_path)
     args = [a.format(ckpt=ckpt, tmp=tmp_path) for a in LOADING_COMMANDS[command]]
     res = run_cli(*args)
@@ -331,18 +331,18 @@ def test_an_interruption_inside_a_command_exits_130(run_cli, monkeypatch, tmp_pa
 def test_an_eof_inside_a_command_is_an_error_not_an_interruption(run_cli, monkeypatch, tmp_path):
     """typer turns an EOFError (end of input at a prompt) into Abort: brn has no prompts, so it is a file that
     ended early -- one error line, not "brn: interrupted" and not "Abort: Abort"."""
-    import brn_cli.checkpoint
+    import brn_cli.storage.checkpoint
 
     def truncated(*args, **kwargs):
         raise EOFError("No data left in file")
 
-    monkeypatch.setattr(brn_cli.checkpoint, "load_checkpoint", truncated)
+    monkeypatch.setattr(brn_cli.storage.checkpoint, "load_checkpoint", truncated)
     res = run_cli("inspect", _fake_checkpoint(tmp_path))
     assert res.code == 1, (res.code, res.err)
     assert res.err_lines == [
         "brn: error: EOFError: No data left in file (run with --debug for the traceback)"
     ], res.err
-    from brn_cli.cli import DEBUG, main
+    from brn_cli.cli.app import DEBUG, main
 
     monkeypatch.setitem(DEBUG, "on", False)  # main() turns it on; restored after the test
     with pytest.raises(EOFError):  # --debug: the original exception, not typer's Abort

@@ -9,13 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from brn_cli.convert import (
-    convert_batchnorm,
-    max_eval_difference,
-    plan_conversion,
-    restore_batchnorm,
-)
-from brn_cli.layer import BatchRenorm1d, BatchRenorm2d, BatchRenormAct, BatchRenormNd
+from brn_cli.nn.convert import convert_batchnorm, max_eval_difference, plan_conversion, restore_batchnorm
+from brn_cli.nn.layer import BatchRenorm1d, BatchRenorm2d, BatchRenormAct, BatchRenormNd
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -183,7 +178,7 @@ def test_input_shape_comes_from_the_architectures_metadata():
     import timm
     import torchvision
 
-    from brn_cli.convert import infer_input_shape
+    from brn_cli.nn.convert import infer_input_shape
 
     timm_model = timm.create_model("efficientnet_b1", pretrained=False, num_classes=10)
     assert infer_input_shape(timm_model) == [2, 3, 240, 240]
@@ -289,8 +284,8 @@ def test_cli_convert_names_the_layer_with_nan_running_var(run_cli, sample_weight
 
 
 def test_brn_checkpoint_with_bad_statistics_or_eps_is_refused_at_load(run_cli, sample_weights, tmp_path):
-    from brn_cli.checkpoint import load_checkpoint
     from brn_cli.errors import BrnError
+    from brn_cli.storage.checkpoint import load_checkpoint
 
     good = tmp_path / "good.pt"
     res = run_cli("convert", sample_weights, "-o", good, *SAMPLE, *SAMPLE_SHAPE)

@@ -10,16 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.data import (
-    LabelBatchSampler,
-    eval_loader,
-    load_data,
-    make_loader,
-    parse_sampler,
-    set_microbatch,
-)
+from brn_cli.data.datasets import load_data
+from brn_cli.data.samplers import LabelBatchSampler, eval_loader, make_loader, parse_sampler
 from brn_cli.errors import BrnError
-from brn_cli.layer import BatchRenorm2d
+from brn_cli.nn.layer import BatchRenorm2d
+from brn_cli.nn.norms import set_microbatch
 from brn_cli.samples import SAMPLE_DATA
 
 
@@ -203,7 +198,7 @@ def test_image_folder_with_mixed_sizes_loads_and_batches(tmp_path):
     every image resized to the first one's size so batches stack, normalization applied."""
     from PIL import Image
 
-    from brn_cli.data import make_loader
+    from brn_cli.data.samplers import make_loader
 
     digits = np.load(SAMPLE_DATA)
     sizes = [(28, 28), (40, 32), (20, 24)]
@@ -254,7 +249,7 @@ def test_image_size_resizes_the_shorter_side_and_center_crops(tmp_path):
     """--image-size S: shorter side to round(S/0.875), then the central S x S, as torchvision's presets. The
     crop keeps 0.875 of the shorter side around the centre: all green here, while the whole-image resize
     (no --image-size) keeps the red margins."""
-    from brn_cli.data import default_resize_size
+    from brn_cli.data.specs import default_resize_size
 
     _write_band_images(tmp_path, [(120, 60), (60, 120), (90, 90)])
     assert default_resize_size(224) == 256 and default_resize_size(16) == 18
@@ -341,7 +336,7 @@ def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_c
 
 
 def test_augmentation_is_a_pure_function_of_seed_epoch_and_index():
-    from brn_cli.data import augment_image, example_seed, random_resized_crop
+    from brn_cli.data.augment import augment_image, example_seed, random_resized_crop
 
     seeds = {example_seed(s, e, i) for s in range(3) for e in range(3) for i in range(50)}
     assert len(seeds) == 450 and all(0 <= v < 2**63 for v in seeds)
@@ -366,7 +361,7 @@ def test_augmentation_is_a_pure_function_of_seed_epoch_and_index():
 
 
 def test_augment_touches_training_examples_only(tmp_path):
-    from brn_cli.data import AugmentedDataset
+    from brn_cli.data.augment import AugmentedDataset
 
     plain = load_data(str(SAMPLE_DATA))
     bundle = load_data(str(SAMPLE_DATA), augment="crop-flip", seed=3)
@@ -558,7 +553,7 @@ def tiny_gray(num_classes: int = 2) -> nn.Module:
 
 
 def test_fit_data_to_model_takes_the_channels_from_the_models_first_convolution(tmp_path):
-    from brn_cli.data import fit_data_to_model
+    from brn_cli.data.datasets import fit_data_to_model
 
     _write_gray_digits(tmp_path)
     bundle = load_data(str(tmp_path), normalize="0.5,0.25")
@@ -584,7 +579,7 @@ def test_fit_data_to_model_takes_the_channels_from_the_models_first_convolution(
 
 
 def test_fit_data_to_model_refuses_arrays_with_other_channels_and_too_many_classes(tmp_path):
-    from brn_cli.data import fit_data_to_model
+    from brn_cli.data.datasets import fit_data_to_model
 
     rgb = _npz(tmp_path, "rgb.npz", x_train=np.zeros((20, 3, 8, 8), np.uint8), y_train=np.arange(20) % 10)
     with pytest.raises(BrnError) as info:
@@ -678,7 +673,7 @@ def test_fit_data_to_model_refuses_examples_that_do_not_batch(tmp_path, monkeypa
         "    return Ragged(), None\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from brn_cli.data import fit_data_to_model
+    from brn_cli.data.datasets import fit_data_to_model
 
     with pytest.raises(BrnError, match=r"^ragged_toy_data:make: examples must be tensors of one shape"):
         fit_data_to_model(nn.Sequential(nn.Linear(3, 2)), load_data("ragged_toy_data:make"))

@@ -71,7 +71,7 @@ def test_demo_cli_shortened_end_to_end(run_cli, tmp_path):
 
 
 def test_demo_refuses_bad_options(tmp_path, run_cli):
-    from brn_cli.demo import DemoConfig, run_demo
+    from brn_cli.recipes.demo import DemoConfig, run_demo
 
     with pytest.raises(BrnError, match="--steps"):
         run_demo(DemoConfig(output=str(tmp_path / "a"), steps=0))
@@ -86,7 +86,7 @@ def test_demo_refuses_bad_options(tmp_path, run_cli):
 def test_set_threads_never_exceeds_available():
     import torch
 
-    from brn_cli.demo import available_threads, set_threads
+    from brn_cli.recipes.demo import available_threads, set_threads
 
     before = torch.get_num_threads()
     try:

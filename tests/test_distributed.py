@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from brn_cli.errors import BrnError
-from brn_cli.layer import BatchRenorm1d, BatchRenorm2d, BatchRenormNd
+from brn_cli.nn.layer import BatchRenorm1d, BatchRenorm2d, BatchRenormNd
 
 B = 8  # global batch; each of the 2 ranks gets B // 2
 STEPS = 6
@@ -84,7 +84,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, out_dir: str, bad_port: int, port: int) -> None:
-    from brn_cli import distributed as D
+    from brn_cli.train import distributed as D
 
     torch.set_num_threads(1)
     out: dict = {}
@@ -267,7 +267,8 @@ def test_failures_end_with_one_clear_message(ranks):
 
 
 def test_single_process_context_is_a_no_op(monkeypatch):
-    from brn_cli import distributed as D
+    from brn_cli.train import distributed as D
+    from brn_cli.train import launch as D_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ctx = D.init_distributed("cpu")
@@ -280,7 +281,7 @@ def test_single_process_context_is_a_no_op(monkeypatch):
     with pytest.raises(BrnError, match="--stats-sync"):
         D.parse_stats_sync("sometimes")
     with pytest.raises(BrnError, match="--nproc"):
-        D.torchrun_command(0, ["brn_cli"])
+        D_launch.torchrun_command(0, ["brn_cli"])
     # Under torchrun an explicit GPU index would put every rank on the same GPU.
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -344,7 +345,7 @@ def ft_files(tmp_path_factory) -> Path:
 
 
 def _ft_config(files: Path, out: Path, **kw):
-    from brn_cli.finetune import FinetuneConfig
+    from brn_cli.train.finetune import FinetuneConfig
 
     base = {
         "checkpoint": str(files / "bn.pt"),
@@ -390,8 +391,8 @@ def torchrun_env(monkeypatch):
 
 
 def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, torchrun_env):
-    from brn_cli.distributed import torchrun_command
-    from brn_cli.finetune import run_finetune
+    from brn_cli.train.finetune import run_finetune
+    from brn_cli.train.launch import torchrun_command
 
     ref8 = run_finetune(_ft_config(ft_files, tmp_path / "ref8"), progress=False)
     run_finetune(_ft_config(ft_files, tmp_path / "ref12", steps=12), progress=False)
@@ -441,7 +442,7 @@ def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, t
 def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
     ft_files, tmp_path, run_cli, torchrun_env
 ):
-    from brn_cli.finetune import run_finetune
+    from brn_cli.train.finetune import run_finetune
 
     # A 1-process run with grouped batches (4 labels x 8 examples), stopped at step 4.
     kw = {"sampler": "grouped:8", "save_every": 2, "eval_every": 0, "arch_kwargs": {"die_at": 3}}
@@ -477,7 +478,7 @@ def test_finetune_on_two_nodes_with_local_stats(ft_files, tmp_path, torchrun_env
     """Two torchrun agents joined through the c10d rendezvous, as on two machines (here both on localhost,
     one process each: LOCAL_RANK is 0 on both, so only RANK may decide who writes). `--stats-sync local`:
     each rank normalizes its own 16 examples, which is one process normalizing microbatches of 16."""
-    from brn_cli.finetune import run_finetune
+    from brn_cli.train.finetune import run_finetune
 
     ref = run_finetune(_ft_config(ft_files, tmp_path / "ref", microbatch=16), progress=False)
     out, port = tmp_path / "nodes", _free_port()

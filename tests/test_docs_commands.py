@@ -1,7 +1,7 @@
 """The command lines of README.md and docs/quickstart.md run as written.
 
 Every line beginning with `brn ` in a fenced bash/console block is run, in the document's order, in an empty
-folder (each document in its own), through the real entry point `brn_cli.cli.main` -- the console script's
+folder (each document in its own), through the real entry point `brn_cli.cli.app.main` -- the console script's
 code path, in-process so that torch is imported once. Each line must exit 0 with the files the lines before
 it wrote.
 """

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.cli import main
+from brn_cli.cli.app import main
 from brn_cli.errors import BrnError
-from brn_cli.evaluate import evaluate
-from brn_cli.layer import BatchRenorm1d
+from brn_cli.evaluation.evaluate import evaluate
+from brn_cli.nn.layer import BatchRenorm1d
 
 
 def _model() -> nn.Module:
@@ -137,7 +137,7 @@ def _ten_class_data(tmp_path, per_class=20):
 
 
 def test_default_batch_fits_the_sampler():
-    from brn_cli.evaluate import default_batch_size
+    from brn_cli.evaluation.evaluate import default_batch_size
 
     labels = torch.arange(200) % 10
     assert default_batch_size(labels, "iid") == 200  # 256, or every example when fewer

@@ -16,10 +16,10 @@ from test_fold import randomize_norms
 from torch import nn
 
 from brn_cli import convert_batchnorm
-from brn_cli.checkpoint import save_brn_checkpoint
-from brn_cli.export import export_onnx, export_onnx_checked, onnx_op_counts
-from brn_cli.statedict import export_state_dict
-from brn_cli.verify import verify_onnx
+from brn_cli.deploy.export import export_onnx, export_onnx_checked, onnx_op_counts
+from brn_cli.deploy.verify import verify_onnx
+from brn_cli.storage.checkpoint import save_brn_checkpoint
+from brn_cli.storage.statedict import export_state_dict
 
 torch.set_num_threads(2)
 

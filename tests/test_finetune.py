@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brn_cli.data import LabelBatchSampler, load_data
+from brn_cli.data.datasets import load_data
+from brn_cli.data.samplers import LabelBatchSampler
 from brn_cli.errors import BrnError
-from brn_cli.finetune import FinetuneConfig, lr_at, run_finetune
-from brn_cli.layer import BatchRenormNd
+from brn_cli.nn.layer import BatchRenormNd
 from brn_cli.samples import SAMPLE_DATA
+from brn_cli.train.finetune import FinetuneConfig, lr_at, run_finetune
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -239,7 +240,7 @@ def test_sigterm_saves_and_exits_143(uninterrupted_run, bn_checkpoint_dropout, t
 
 
 def test_run_folder_contents_and_checkpoints(uninterrupted_run):
-    from brn_cli.checkpoint import load_checkpoint
+    from brn_cli.storage.checkpoint import load_checkpoint
 
     names = {p.name for p in uninterrupted_run.iterdir()}
     assert {"last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png"} <= names
@@ -272,7 +273,7 @@ def test_run_folder_contents_and_checkpoints(uninterrupted_run):
 
 def test_microbatch_groups_are_normalized_separately(bn_checkpoint, tmp_path, monkeypatch):
     """With momentum 1 one step leaves the first layer's sigma = mean over groups of each group's sigma_B."""
-    import brn_cli.layer as layer_mod
+    import brn_cli.nn.layer as layer_mod
 
     calls = []
     original = layer_mod._microbatch_renorm
@@ -569,7 +570,7 @@ class InfGradientFirst(nn.Sequential):
 def test_fp16_skipped_updates_do_not_advance_the_schedules(bn_checkpoint, tmp_path, one_thread):
     """--amp fp16 (GradScaler; on the CPU here): a step whose gradients overflow changes no weight and moves
     neither lr nor rmax/dmax; the scaler's state is saved and restored on resume; statistics stay fp32."""
-    from brn_cli.finetune import FinetuneInterrupted
+    from brn_cli.train.finetune import FinetuneInterrupted
 
     out = tmp_path / "run"
     cfg = FinetuneConfig(
@@ -618,7 +619,7 @@ def test_augmented_run_resumes_exactly_with_other_workers(bn_checkpoint, tmp_pat
     """--augment crop-flip: stopped at step 5 (SIGTERM) and resumed with 2 DataLoader workers, the run ends
     with the weights of an uninterrupted run without workers (each example's crop is seeded by
     (seed, epoch, index), not by a worker's or the process's RNG)."""
-    from brn_cli.finetune import FinetuneInterrupted
+    from brn_cli.train.finetune import FinetuneInterrupted
 
     def config(out: Path, term_at: int) -> FinetuneConfig:
         return FinetuneConfig(

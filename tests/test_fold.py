@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from brn_cli import convert_batchnorm, fold_model
-from brn_cli.fold import ChannelScaleShift
-from brn_cli.graph import TraceError
-from brn_cli.layer import BatchRenormNd
+from brn_cli.deploy.fold import ChannelScaleShift
+from brn_cli.deploy.graph import TraceError
+from brn_cli.nn.layer import BatchRenormNd
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

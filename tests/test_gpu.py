@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.convert import convert_batchnorm
-from brn_cli.layer import BatchRenorm2d
+from brn_cli.nn.convert import convert_batchnorm
+from brn_cli.nn.layer import BatchRenorm2d
 from brn_cli.samples import SAMPLE_DATA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -95,8 +95,8 @@ def test_cuda_finetune_fp16_channels_last(tmp_path, run_cli):
 
 
 def test_onnx_verification_uses_the_cuda_provider_when_it_works(tmp_path):
-    from brn_cli.export import export_onnx_checked
-    from brn_cli.verify import ort_providers
+    from brn_cli.deploy.export import export_onnx_checked
+    from brn_cli.deploy.verify import ort_providers
 
     if "CUDAExecutionProvider" not in ort_providers():
         pytest.skip("onnxruntime's CUDA provider does not start on this machine")

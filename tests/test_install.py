@@ -25,18 +25,18 @@ PACKAGE = REPO / "brn_cli"
 
 # (module file relative to the repo, function, top-level import name) -> why its unguarded import is safe.
 OPTIONAL_UNGUARDED = {
-    ("brn_cli/data.py", "ImageReader.__call__", "PIL"): (
+    ("brn_cli/data/datasets.py", "ImageReader.__call__", "PIL"): (
         "ImageReader is the image loader of torchvision's ImageFolder, which needs torchvision (guarded) "
         "first; torchvision depends on pillow"
     ),
-    ("brn_cli/data.py", "_image_folder", "torchvision"): (
+    ("brn_cli/data/datasets.py", "_image_folder", "torchvision"): (
         "_image_folder runs only from _load_image_folder, after its guarded import of torchvision.transforms"
     ),
-    ("brn_cli/checkpoint.py", "_build_known", "timm"): (
+    ("brn_cli/storage/checkpoint.py", "_build_known", "timm"): (
         "_build_known meets a timm: spec only after build_arch's importlib.util.find_spec('timm') check, or "
         "through is_known_builder, which knows timm's names only when timm imports"
     ),
-    ("brn_cli/convert.py", "restore_batchnorm", "timm"): (
+    ("brn_cli/nn/convert.py", "restore_batchnorm", "timm"): (
         "restore_batchnorm meets a BatchRenormAct only in a model converted from timm's BatchNormAct2d, "
         "so timm was importable to build it"
     ),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.layer import (
+from brn_cli.nn.layer import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
@@ -434,7 +434,7 @@ def test_eval_is_gamma_x_minus_mu_over_sigma_plus_beta_float64():
 
 
 def test_bench_layer_reports_ratios_with_live_clipping():
-    from brn_cli.bench import LAYER_TARGETS, bench_layer
+    from brn_cli.recipes.bench import LAYER_TARGETS, bench_layer
 
     res = bench_layer((4, 6, 5, 5), reps=3, warmup=1)
     assert res["shape"] == [4, 6, 5, 5] and res["threads"] == torch.get_num_threads()

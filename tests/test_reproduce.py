@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from brn_cli.errors import BrnError
-from brn_cli.reproduce import SETTINGS, aggregate, markdown_table
+from brn_cli.recipes.reproduce import SETTINGS, aggregate, markdown_table
 
 
 def _record(setting, method, seed, acc):
@@ -90,7 +90,7 @@ def test_tiny_reproduction_runs_resumes_and_reports(run_cli, tmp_path):
 
 
 def test_reproduce_rejects_unknown_settings_and_empty_report(tmp_path):
-    from brn_cli.reproduce import ReproduceConfig, run_reproduce, write_report
+    from brn_cli.recipes.reproduce import ReproduceConfig, run_reproduce, write_report
 
     with pytest.raises(BrnError, match="unknown setting"):
         run_reproduce(ReproduceConfig(output=str(tmp_path / "x"), settings=["iid-64"]), progress=False)

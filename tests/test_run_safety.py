@@ -23,10 +23,10 @@ import torch
 from test_finetune import tiny_cnn
 from torch import nn
 
-from brn_cli.atomic import write_atomic
-from brn_cli.data import ArrayDataset
+from brn_cli.data.datasets import ArrayDataset
 from brn_cli.errors import BrnError
-from brn_cli.finetune import FinetuneConfig, run_finetune
+from brn_cli.storage.atomic import write_atomic
+from brn_cli.train.finetune import FinetuneConfig, run_finetune
 
 ARCH = "test_finetune:tiny_cnn"
 HERE = "test_run_safety"
@@ -277,7 +277,7 @@ def test_a_run_folder_in_use_refuses_a_second_process(bn_model, data, tmp_path, 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    from brn_cli.atomic import LOCK_NAME
+    from brn_cli.storage.atomic import LOCK_NAME
 
     (out / LOCK_NAME).write_text(dead.stdout.strip() + "\n")
     assert run_finetune(_resume(out, arch=f"{HERE}:Faulty"), progress=False).resumed_from == 4
@@ -376,8 +376,8 @@ def test_an_image_folder_is_the_same_data_wherever_it_lies(tmp_path):
     training image replaced by another (of another size) does not."""
     from PIL import Image
 
-    from brn_cli.data import load_data
-    from brn_cli.finetune import _check_same_data, _data_fingerprint
+    from brn_cli.data.datasets import load_data
+    from brn_cli.train.finetune import _check_same_data, _data_fingerprint
 
     rng = np.random.default_rng(0)
     root = tmp_path / "images"

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from brn_cli import convert_batchnorm
-from brn_cli.checkpoint import build_arch
+from brn_cli.deploy.graph import find_fold_sites
 from brn_cli.errors import BrnError
-from brn_cli.graph import find_fold_sites
-from brn_cli.layer import BatchRenormNd
+from brn_cli.nn.layer import BatchRenormNd
+from brn_cli.recipes.pretrain import load_sample_data, pretrain_batchnorm
 from brn_cli.samples.models import SAMPLE_ARCHS
-from brn_cli.samples.pretrain import load_sample_data, pretrain_batchnorm
+from brn_cli.storage.checkpoint import build_arch
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = sorted(SAMPLE_ARCHS)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from brn_cli.errors import BrnError
-from brn_cli.layer import BatchRenorm1d
-from brn_cli.schedule import (
+from brn_cli.nn.layer import BatchRenorm1d
+from brn_cli.train.schedule import (
     RenormScheduler,
     Schedule,
     format_schedule,

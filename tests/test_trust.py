@@ -2,7 +2,7 @@
 
 The hostile checkpoints are brn's own format written by the real save path and then edited, as an attacker
 would: ``arch.spec`` is plain strings, so the file passes weights-only loading. Every command that loads a
-checkpoint is run through the real CLI entry point (``brn_cli.cli.main``; one case also as ``python -m
+checkpoint is run through the real CLI entry point (``brn_cli.cli.app.main``; one case also as ``python -m
 brn_cli``), and each case asserts a non-zero exit, one stderr line and that the marker file the payload would
 create does not exist.
 """
@@ -21,11 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from brn_cli.checkpoint import build_arch, load_checkpoint, save_brn_checkpoint
-from brn_cli.convert import convert_batchnorm
 from brn_cli.errors import BrnError
+from brn_cli.nn.convert import convert_batchnorm
 from brn_cli.samples import SAMPLE_DATA
 from brn_cli.samples.models import mlp
+from brn_cli.storage.checkpoint import build_arch, load_checkpoint, save_brn_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -222,7 +222,7 @@ def test_recorded_allow_listed_builders_load_without_arch(tmp_path):
     [
         ({"spec": SAMPLE_ARCH, "kwargs": {"width": torch.tensor(8)}}, "plain data"),
         ({"spec": SAMPLE_ARCH, "kwargs": ["width", 8]}, "plain data"),
-        ({"spec": "brn_cli.samples.pretrain:pretrain_batchnorm", "kwargs": {}}, "pass --arch"),
+        ({"spec": "brn_cli.recipes.pretrain:pretrain_batchnorm", "kwargs": {}}, "pass --arch"),
         ({"spec": "brn_cli.samples.models:SAMPLE_ARCHS", "kwargs": {}}, "pass --arch"),
         ({"spec": "torchvision:get_model", "kwargs": {}}, "pass --arch"),
         ({"spec": "timm:create_model", "kwargs": {}}, "pass --arch"),
@@ -287,7 +287,7 @@ def test_cli_refuses_a_download_asked_for_with_arch_kwargs(run_cli, tmp_path, mo
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A two-step fine-tuning run of a model outside the allow-list (named with --arch by its user)."""
-    from brn_cli.cli import main
+    from brn_cli.cli.app import main
 
     folder = tmp_path_factory.mktemp("run")
     torch.save(tiny_bn().state_dict(), folder / "bn.pt")
@@ -534,7 +534,7 @@ def test_disk_full_on_save_is_one_line(big_ckpt, tmp_path):
 
 
 def test_printable_escapes_control_and_format_characters():
-    from brn_cli.checkpoint import printable
+    from brn_cli.storage.checkpoint import printable
 
     assert printable("a\x1b[31mb") == "a\\x1b[31mb"
     assert printable("x\ny\u202ez") == "x\\ny\\u202ez"
@@ -576,7 +576,7 @@ def test_a_huge_recorded_input_shape_is_refused_before_allocating(run_cli, brn_c
         path = _edited(brn_ckpt, tmp_path / "bad.pt", input_shape=bad)
         res = run_cli("inspect", path)
         assert res.code == 2 and len(res.err_lines) == 1 and "bad.pt" in res.err, (bad, res.err)
-    from brn_cli.checkpoint import MAX_RECORDED_INPUT_ELEMENTS
+    from brn_cli.storage.checkpoint import MAX_RECORDED_INPUT_ELEMENTS
 
     assert MAX_RECORDED_INPUT_ELEMENTS == 2**28
 

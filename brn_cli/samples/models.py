@@ -1,10 +1,10 @@
 """Small architectures with plain nn.BatchNorm layers: "the user's existing model" for demos and tests.
 
-Each factory is usable as an arch spec ``brn_cli.samples.models:NAME`` (``brn_cli.checkpoint.build_arch``)
+Each factory is usable as an arch spec ``brn_cli.samples.models:NAME`` (``brn_cli.storage.checkpoint.build_arch``)
 and takes keyword arguments ``num_classes``, ``in_channels`` and ``width``. Every model maps a batch of
 images ``[N, in_channels, H, W]`` (28 x 28 for the bundled MNIST digits) to logits ``[N, num_classes]``, so
 all of them train with the same cross-entropy loop. All are torch.fx-traceable: ``forward`` has no
-data-dependent Python control flow, so ``brn_cli.graph.find_fold_sites`` can read their data flow.
+data-dependent Python control flow, so ``brn_cli.deploy.graph.find_fold_sites`` can read their data flow.
 
 Together they cover the layer pairs that conversion and folding must handle:
 

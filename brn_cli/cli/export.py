@@ -1,0 +1,246 @@
+"""`brn export onnx` and `brn export state-dict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from brn_cli.cli.app import err, export_app, out
+from brn_cli.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    CheckpointArg,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    TrustPickleOpt,
+    human_size,
+    load,
+    parse_shape,
+    print_json,
+)
+from brn_cli.errors import BrnError
+
+
+def _export_progress():
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _print_export_report(report) -> None:
+    fold = report.fold
+    if fold is None:
+        out.print("folding: off (--no-fold)")
+    else:
+        out.print(
+            f"folded {len(fold.folded)} norm layers into their producers; "
+            f"kept {len(fold.kept)} as per-channel scale-and-shift"
+        )
+        if fold.kept:
+            table = Table()
+            table.add_column("kept norm")
+            table.add_column("why it could not fold")
+            for name, reason in fold.kept:
+                table.add_row(name, f"[yellow]{reason}[/yellow]")
+            out.print(table)
+    if report.op_counts:
+        ops = ", ".join(f"{op} {n}" for op, n in list(report.op_counts.items())[:10])
+        out.print(f"ONNX ops: {ops}  (BatchNormalization: {report.batchnorm_nodes})")
+    if report.verify is not None:
+        v = report.verify
+        out.print(f"verification against the PyTorch eval model (atol {v.atol:g}, rtol {v.rtol:g}):")
+        for c in v.checks:
+            mark = "[green]✓[/green]" if c.passed else "[red]✗[/red]"
+            top1 = f", top-1 agreement {c.top1:.0%}" if c.top1 is not None else ""
+            out.print(
+                f"  {mark} {c.provider}, ORT optimizations {c.optimization}, batch {c.batch} "
+                f"({c.inputs} inputs): max abs {c.max_abs:.3g}, max rel {c.max_rel:.3g}{top1}"
+            )
+    if report.benchmark is not None:
+        b = report.benchmark
+        out.print(
+            f"ORT latency, folded vs unfolded export (CPU, {b.threads} thread, batch {b.batch}, "
+            f"median of {b.repeats} interleaved runs):"
+        )
+        for level, ms in b.median_ms.items():
+            out.print(
+                f"  optimizations {level}: folded {ms['folded']:.2f} ms, unfolded {ms['unfolded']:.2f} ms, "
+                f"unfolded/folded {b.ratio(level):.2f}x"
+            )
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
+    input_shape: InputShapeOpt = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 18,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Export in float16 (cast after folding).")] = False,
+    no_fold: Annotated[
+        bool, typer.Option("--no-fold", help="Keep norms as BatchNormalization nodes (no folding).")
+    ] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the onnxruntime comparison (not recommended).")
+    ] = False,
+    atol: Annotated[
+        float | None, typer.Option("--atol", help="Absolute tolerance (default 1e-4; 1e-2 with --fp16).")
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option(
+            "--rtol",
+            help="Tolerance relative to each output's largest |value| (default 1e-4; 1e-2 with --fp16).",
+        ),
+    ] = None,
+    benchmark: Annotated[
+        bool, typer.Option("--benchmark", help="Time ORT on the folded graph against an unfolded export.")
+    ] = False,
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="legacy (TorchScript, fast) or dynamo (torch.export).")
+    ] = "legacy",
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold norms into their producers, export one ONNX file and verify it with onnxruntime."""
+    from brn_cli.deploy.export import EXPORTERS, export_onnx_checked
+    from brn_cli.errors import VerificationError
+    from brn_cli.nn.convert import infer_input_shape
+    from brn_cli.storage.atomic import check_writable
+
+    if exporter not in EXPORTERS:
+        raise BrnError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    check_writable(output, force=force)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    shape = (
+        parse_shape(input_shape)
+        or ckpt.input_shape
+        or infer_input_shape(ckpt.model, arch_spec=ckpt.arch_spec)
+    )
+    if shape is None:
+        raise BrnError("cannot infer an input shape; pass --input-shape, e.g. 2,3,224,224")
+    stages = 2 + (not no_fold) + (not no_verify) + benchmark
+    with _export_progress() as progress:
+        task = progress.add_task("loading", total=stages)
+
+        def step(text: str) -> None:
+            progress.update(task, description=text, advance=1)
+
+        report = export_onnx_checked(
+            ckpt.model,
+            shape,
+            output,
+            fold=not no_fold,
+            fp16=fp16,
+            opset=opset,
+            exporter=exporter,
+            verify=not no_verify,
+            atol=atol,
+            rtol=rtol,
+            benchmark=benchmark,
+            force=force,
+            step=step,
+        )
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print_export_report(report)
+    if not report.written:
+        v = report.verify
+        raise VerificationError(
+            f"verification failed: max abs error {v.max_abs:.3g} beyond --atol {v.atol:g} / --rtol {v.rtol:g}; "
+            f"{output} not written"
+        )
+    if not as_json:
+        out.print(
+            f"wrote {output} ({human_size(report.size_bytes)}"
+            f"{', weights in ' + output.name + '.data' if report.external_data else ''}) "
+            f"in {report.export_seconds:.2f} s export ({report.exporter} exporter, opset {report.opset}, "
+            f"input {shape}, batch dynamic{', fp16' if fp16 else ''})"
+        )
+
+
+@export_app.command("state-dict")
+def export_state_dict_cmd(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.pth/.pt or .safetensors).")],
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="pt or safetensors (default: from the output suffix, else pt)."),
+    ] = None,
+    input_shape: InputShapeOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the weights as a plain BatchNorm state_dict that loads strict into the original model class."""
+    from brn_cli.errors import VerificationError
+    from brn_cli.nn.convert import infer_input_shape
+    from brn_cli.storage.atomic import check_writable
+    from brn_cli.storage.checkpoint import build_arch
+    from brn_cli.storage.statedict import (
+        FORMATS,
+        check_state_dict_roundtrip,
+        export_state_dict,
+        plain_state_dict,
+    )
+
+    fmt = fmt or ("safetensors" if output.suffix == ".safetensors" else "pt")
+    if fmt not in FORMATS:
+        raise BrnError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_writable(output, force=force)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    model = ckpt.model.eval()
+    check = None
+    if ckpt.arch_spec is not None:
+        shape = (
+            parse_shape(input_shape) or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
+        )
+        fresh = build_arch(ckpt.arch_spec, ckpt.arch_kwargs)
+        check = check_state_dict_roundtrip(plain_state_dict(model), fresh, model, shape)
+        diff = check["max_abs_diff"]
+        if diff is not None and not diff <= 1e-5:
+            raise VerificationError(
+                f"the plain model's eval outputs differ by {diff:.3g} from the checkpoint's; nothing written"
+            )
+    path, state = export_state_dict(model, output, fmt=fmt, force=force)
+    result = {
+        "output": str(path),
+        "format": fmt,
+        "tensors": len(state),
+        "size_bytes": path.stat().st_size,
+        "arch": ckpt.arch_spec,
+        "roundtrip": check,
+    }
+    if as_json:
+        print_json(result)
+        return
+    if check is None:
+        out.print(
+            "[yellow]no architecture recorded: strict-load check skipped (pass --arch to run it)[/yellow]"
+        )
+    else:
+        diff = check["max_abs_diff"]
+        out.print(
+            f"[green]✓[/green] loads with strict=True into {ckpt.arch_spec}"
+            + (f"; eval outputs max |diff| = {diff:.3g}" if diff is not None else "")
+        )
+    out.print(f"wrote {path} ({fmt}, {len(state)} tensors, {human_size(result['size_bytes'])})")

@@ -1,0 +1,221 @@
+"""`brn inspect` and `brn convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from brn_cli.cli.app import app, out
+from brn_cli.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    CheckpointArg,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    TrustPickleOpt,
+    human_size,
+    load,
+    parse_shape,
+    print_json,
+)
+from brn_cli.errors import BrnError, first_line
+
+
+def file_text(text: object, limit: int = 200) -> str:
+    """A string read from a checkpoint, made safe to print: control characters escaped, cut at `limit`.
+    Print it in a rich Text, never as markup."""
+    from brn_cli.storage.checkpoint import printable
+
+    return printable(text, limit)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    checkpoint: CheckpointArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    input_shape: InputShapeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the normalization layers of a checkpoint: type, channels, eps, momentum, fold target, health."""
+    from brn_cli.deploy.inspection import inspect_model
+
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    report = inspect_model(ckpt, parse_shape(input_shape))
+    if as_json:
+        print_json(report.to_dict())
+        return
+    # Names come from the file: shown as plain text (Text objects take no markup or emoji codes) with
+    # control characters escaped.
+    out.print(
+        Text.assemble(
+            (file_text(report.path), "bold"),
+            f"  format: {report.file_format}",
+            f"  arch: {file_text(report.arch)}" if report.arch else "",
+        )
+    )
+    if report.top_level_keys:
+        out.print(Text("top-level keys: " + ", ".join(file_text(k, 60) for k in report.top_level_keys[:12])))
+    out.print(f"parameters: {report.parameters:,}   sample input: {report.input_shape or 'unknown'}")
+    if report.trace_error:
+        out.print(Text(f"graph: {file_text(report.trace_error)}", style="yellow"))
+    if not report.norms:
+        out.print("no normalization layers")
+        return
+    table = Table(show_lines=False)
+    for col in ("layer", "type", "C", "eps", "momentum", "fold into / why not", "running stats"):
+        table.add_column(col)
+    for n in report.norms:
+        if n.fold_into:
+            fold = Text(file_text(n.fold_into), style="green")
+        else:
+            fold = Text(file_text(n.fold_reason or ""), style="dim")
+        healthy = n.health in ("ok", "no running stats")
+        mom = "-" if n.momentum is None else f"{n.momentum:g}"
+        table.add_row(
+            Text(file_text(n.name)),
+            Text(file_text(n.type)),
+            str(n.channels or "-"),
+            f"{n.eps:g}" if n.eps is not None else "-",
+            mom,
+            fold,
+            Text(file_text(n.health), style="" if healthy else "red"),
+        )
+    out.print(table)
+    foldable = sum(1 for n in report.norms if n.fold_into)
+    unhealthy = sum(1 for n in report.norms if n.health not in ("ok", "no running stats"))
+    out.print(
+        f"{len(report.norms)} normalization layers, {foldable} foldable, "
+        f"{unhealthy} with unhealthy running statistics"
+    )
+
+
+@app.command("convert")
+def convert_cmd(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output brn checkpoint.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Only convert layers whose name matches this glob (repeatable)."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable)."),
+    ] = None,
+    momentum: Annotated[
+        float, typer.Option("--momentum", help="Moving-average rate of mu and sigma (the paper's alpha).")
+    ] = 0.01,
+    input_shape: InputShapeOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would convert; write nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Replace BatchNorm layers by Batch Renorm (eval outputs unchanged) and write a brn checkpoint."""
+    import copy
+
+    from brn_cli.errors import VerificationError
+    from brn_cli.nn.convert import (
+        check_convertible,
+        convert_batchnorm,
+        infer_input_shape,
+        max_eval_difference,
+        plan_conversion,
+    )
+    from brn_cli.storage.atomic import check_writable
+    from brn_cli.storage.checkpoint import save_brn_checkpoint
+
+    if not 0.0 < momentum <= 1.0:
+        raise BrnError(f"--momentum must be in (0, 1], got {momentum}")
+    if output is None and not dry_run:
+        raise BrnError("missing -o/--output (or pass --dry-run)")
+    if output is not None and not dry_run:
+        check_writable(output, force=force)
+    shape = parse_shape(input_shape)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    model = ckpt.model
+    decisions = plan_conversion(model, include=include, exclude=exclude)
+    converting = [d for d in decisions if d.action == "convert"]
+    result = {
+        "source": str(checkpoint),
+        "layers": [d.to_dict() for d in decisions],
+        "converted": len(converting),
+        "skipped": len(decisions) - len(converting),
+        "output": None,
+        "max_abs_diff": None,
+        "input_shape": None,
+    }
+    if not decisions:
+        raise BrnError(
+            f"{checkpoint.name}: the model has no BatchNorm layers with running statistics; "
+            "nothing to convert"
+        )
+    if not dry_run and not converting:
+        reasons = sorted({d.reason for d in decisions if d.reason})
+        raise BrnError(f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})")
+    check_convertible(model, decisions)  # a dry run says so too: NaN/inf statistics or eps <= 0, by layer
+
+    if not dry_run:
+        original = copy.deepcopy(model)
+        convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude)
+        shape = shape or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
+        if shape is None:
+            raise BrnError("cannot infer an input shape from the first layer; pass --input-shape")
+        try:
+            diff = max_eval_difference(original, model, shape)
+        except Exception as exc:
+            raise BrnError(
+                f"the model does not run on input shape {shape} ({type(exc).__name__}: "
+                f"{first_line(exc)}); pass --input-shape"
+            ) from None
+        result.update(max_abs_diff=diff, input_shape=shape)
+        if not diff <= 1e-5:
+            raise VerificationError(
+                f"conversion changed eval outputs by {diff:.3g} (expected 0); nothing written"
+            )
+        save_brn_checkpoint(
+            model,
+            output,
+            force=force,
+            input_shape=shape,
+            command="convert",
+            **ckpt.lineage(),
+        )
+        result["output"] = str(output)
+
+    if as_json:
+        print_json(result)
+        return
+    table = Table()
+    for col in ("layer", "from", "to / skipped because"):
+        table.add_column(col)
+    for d in decisions:
+        table.add_row(
+            d.name,
+            d.source_type,
+            f"[green]{d.target_type}[/green]" if d.action == "convert" else f"[yellow]{d.reason}[/yellow]",
+        )
+    out.print(table)
+    verb = "would convert" if dry_run else "converted"
+    out.print(
+        f"{verb} {len(converting)} of {len(decisions)} BatchNorm layers (momentum {momentum:g}, "
+        "rmax 1, dmax 0: unchanged until a schedule relaxes them)"
+    )
+    if not dry_run:
+        out.print(f"eval outputs on input {shape}: max |original - converted| = {result['max_abs_diff']:.3g}")
+        if ckpt.arch_spec is None:
+            out.print("[yellow]note: no --arch given, so later commands on this file need --arch[/yellow]")
+        out.print(f"wrote {output} ({human_size(Path(output).stat().st_size)})")

@@ -1,0 +1,1 @@
+"""Datasets, preprocessing specs, augmentation, batch samplers and loaders. Imports storage/, nn/."""

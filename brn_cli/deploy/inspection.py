@@ -1,0 +1,138 @@
+"""`brn inspect`: what a checkpoint holds and what its normalization layers look like."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from brn_cli.deploy.graph import TraceError, find_fold_sites
+from brn_cli.nn.convert import infer_input_shape
+from brn_cli.nn.layer import BatchRenormNd
+from brn_cli.storage.checkpoint import LoadedCheckpoint
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    _BatchNorm,
+    BatchRenormNd,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+@dataclass
+class NormReport:
+    name: str
+    type: str
+    channels: int | None
+    eps: float | None
+    momentum: float | None
+    rmax: float | None = None
+    dmax: float | None = None
+    fold_into: str | None = None
+    fold_reason: str | None = None
+    health: str = "ok"  # "ok", "no running stats", or what is wrong
+
+
+@dataclass
+class InspectReport:
+    path: str
+    file_format: str
+    top_level_keys: list[str]
+    arch: str | None
+    parameters: int
+    input_shape: list[int] | None
+    norms: list[NormReport] = field(default_factory=list)
+    trace_error: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, NORM_TYPES):
+        return True
+    # Frozen batch norms (torchvision, timm) are plain per-channel affine maps with BN-named buffers.
+    return "FrozenBatchNorm" in type(module).__name__
+
+
+def stats_health(module: nn.Module) -> str:
+    """'ok', 'no running stats', or a description of NaN/inf/negative running statistics."""
+    mean = getattr(module, "running_mean", None)
+    var = getattr(module, "running_var", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        return "no running stats"
+    problems = []
+    for label, t in (("mean", mean), ("var", var)):
+        if torch.isnan(t).any():
+            problems.append(f"{int(torch.isnan(t).sum())} NaN in running_{label}")
+        if torch.isinf(t).any():
+            problems.append(f"{int(torch.isinf(t).sum())} inf in running_{label}")
+    negative = int((var < 0).sum())
+    if negative:
+        problems.append(f"{negative} negative running_var")
+    return "; ".join(problems) if problems else "ok"
+
+
+def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) -> InspectReport:
+    """Describe every normalization layer of a loaded checkpoint, with its fold decision and health."""
+    model = ckpt.model
+    shape = input_shape or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
+    report = InspectReport(
+        path=str(ckpt.path),
+        file_format=ckpt.file_format,
+        top_level_keys=ckpt.top_level_keys,
+        arch=ckpt.arch_spec,
+        parameters=sum(p.numel() for p in model.parameters()),
+        input_shape=list(shape) if shape else None,
+        provenance=ckpt.provenance,
+    )
+    sites = {}
+    try:
+        example = [torch.randn(*shape)] if shape else None
+        sites = {s.norm: s for s in find_fold_sites(model, example)}
+    except TraceError as exc:
+        report.trace_error = str(exc)
+    except Exception as exc:  # shape propagation failed on the guessed input: retry without shapes
+        try:
+            sites = {s.norm: s for s in find_fold_sites(model, None)}
+        except TraceError as exc2:
+            report.trace_error = str(exc2)
+        else:
+            report.trace_error = f"shape propagation failed ({type(exc).__name__}); Linear folds unconfirmed"
+
+    for name, module in model.named_modules():
+        if not _is_norm(module):
+            continue
+        channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+        if channels is None and isinstance(module, nn.LayerNorm):
+            channels = int(math.prod(module.normalized_shape))
+        momentum = getattr(module, "momentum", None)
+        norm = NormReport(
+            name=name,
+            type=type(module).__name__,
+            channels=int(channels) if channels is not None else None,
+            eps=float(module.eps) if hasattr(module, "eps") else None,
+            momentum=float(momentum) if momentum is not None else None,
+            rmax=float(module.rmax) if isinstance(module, BatchRenormNd) else None,
+            dmax=float(module.dmax) if isinstance(module, BatchRenormNd) else None,
+            health=stats_health(module),
+        )
+        site = sites.get(name)
+        if site is not None:
+            norm.fold_into, norm.fold_reason = site.producer, site.reason
+        elif norm.health == "no running stats":
+            norm.fold_reason = "no running statistics (normalizes with batch statistics at inference)"
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)):
+            norm.fold_reason = f"{type(module).__name__} normalizes per example: not a fixed affine map"
+        elif report.trace_error:
+            norm.fold_reason = "graph not traced"
+        else:
+            norm.fold_reason = "not reached in the traced graph"
+        report.norms.append(norm)
+    return report

@@ -1,0 +1,1 @@
+"""Inference-mode and batch-statistics evaluation, statistics calibration. Imports data/ and below."""

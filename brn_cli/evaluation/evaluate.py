@@ -1,0 +1,264 @@
+"""Loss and accuracy in inference mode, and with minibatch statistics (the train/inference gap).
+
+Inference mode is ``model.eval()``: every norm layer normalizes with its moving averages,
+``y = gamma (x - mu) / sigma + beta``, a deterministic function of each example alone.
+
+Batch-statistics mode is the paper's "training mode" evaluation (section 4.3): dropout and the rest stay
+in eval mode, but every BatchNorm / Batch Renorm layer normalizes with the minibatch's own mu_B, sigma_B
+(renorm layers with rmax = 1, dmax = 0, i.e. plain batchnorm, over the whole batch). A model trained with
+batchnorm on non-i.i.d. batches can score much better here than in inference mode, because it learned to
+rely on what the other examples of a batch look like; with Batch Renorm the two modes agree. Running
+statistics are snapshotted before and restored exactly after, so evaluating never changes the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brn_cli.errors import BrnError
+from brn_cli.nn.norms import is_norm_layer
+
+__all__ = [
+    "EvalResult",
+    "batch_statistics_mode",
+    "default_batch_size",
+    "evaluate",
+    "evaluate_data",
+    "model_logits",
+]
+
+
+@dataclass
+class EvalResult:
+    """Mean cross-entropy, top-1 accuracy (fraction in [0, 1]) and example count over the data."""
+
+    loss: float
+    accuracy: float
+    examples: int
+    mode: str  # "inference" or "batch-stats"
+    batches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def batch_statistics_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Model in eval mode except that norm layers normalize with minibatch statistics.
+
+    Renorm layers get rmax = 1, dmax = 0 and no microbatch (plain batchnorm over the batch). Every buffer
+    of the norm layers (running_mean, running_var, num_batches_tracked, telemetry) and every changed
+    attribute and training flag is restored exactly on exit, even on error.
+    """
+    from brn_cli.nn.layer import BatchRenormNd
+
+    flags = {m: m.training for m in model.modules()}
+    saved: list[tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]] = []
+    try:
+        model.eval()
+        for module in model.modules():
+            if not is_norm_layer(module):
+                continue
+            buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False) if b is not None}
+            attrs: dict[str, Any] = {}
+            if isinstance(module, BatchRenormNd):
+                attrs = {"rmax": module.rmax, "dmax": module.dmax, "microbatch": module.microbatch}
+                module.rmax, module.dmax, module.microbatch = 1.0, 0.0, None
+            saved.append((module, buffers, attrs))
+            module.train()
+        yield model
+    finally:
+        with torch.no_grad():
+            for module, buffers, attrs in saved:
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
+                for name, value in attrs.items():
+                    setattr(module, name, value)
+        for module, flag in flags.items():
+            module.train(flag)
+
+
+def model_logits(output: Any) -> torch.Tensor:
+    """The class scores of a model output: a tensor, the first item of a tuple, or a dict's 'logits'."""
+    if isinstance(output, torch.Tensor):
+        logits = output
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    elif isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        logits = output["logits"]
+    else:
+        raise BrnError(f"the model returned {type(output).__name__}; expected class scores [batch, classes]")
+    if logits.dim() != 2:
+        raise BrnError(
+            f"the model returned shape {list(logits.shape)}; expected class scores [batch, classes]"
+        )
+    return logits
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp in ("off", "", None):
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise BrnError(f"--amp must be off, bf16 or fp16, got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
+
+
+def progress_bar(enabled: bool):
+    """A transient Rich progress bar on stderr, or a null context yielding None."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # On stderr, so that --json output on stdout stays clean.
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        console=Console(stderr=True),
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    batch_stats: bool = False,
+    amp: str = "off",
+    channels_last: bool = False,
+    progress: bool = False,
+) -> EvalResult:
+    """Mean cross-entropy and top-1 accuracy of `model` over the (x, y) batches of `loader`.
+
+    Inference mode (``model.eval()``) by default; ``batch_stats=True`` normalizes with each minibatch's
+    statistics instead (see :func:`batch_statistics_mode`), running statistics left untouched. The model is
+    moved to `device`; its training flags are restored afterwards. No gradients.
+    """
+    dev = torch.device(device)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    total_loss = 0.0
+    correct = 0
+    examples = 0
+    batches = 0
+    mode = "batch-stats" if batch_stats else "inference"
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    flags = {m: m.training for m in model.modules()}
+    ctx = batch_statistics_mode(model) if batch_stats else contextlib.nullcontext(model)
+    try:
+        if not batch_stats:
+            model.eval()
+        with ctx, torch.no_grad(), progress_bar(progress) as bar:
+            task = bar.add_task(f"evaluate ({mode})", total=total) if bar is not None else None
+            for x, y in loader:
+                x = x.to(dev, non_blocking=True)
+                y = torch.as_tensor(y).to(dev, non_blocking=True)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(dev, amp):
+                    try:
+                        output = model(x)
+                    except ValueError as exc:
+                        if "Expected more than 1 value per channel" in str(exc):
+                            raise BrnError(
+                                f"a batch of {len(x)} is too small for minibatch statistics; "
+                                "use a larger --batch-size"
+                            ) from None
+                        raise
+                logits = model_logits(output).float()
+                if len(y) and int(y.max()) >= logits.shape[1]:
+                    raise BrnError(
+                        f"label {int(y.max())} out of range for a model with {logits.shape[1]} outputs"
+                    )
+                total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+                examples += len(y)
+                batches += 1
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
+    if examples == 0:
+        raise BrnError("no examples to evaluate: the data is empty")
+    return EvalResult(total_loss / examples, correct / examples, examples, mode, batches)
+
+
+DEFAULT_BATCH = 256
+
+
+def default_batch_size(labels: torch.Tensor, sampler: str = "iid") -> int:
+    """The batch for evaluating data with these labels when none is given: 256 for iid (every example when
+    there are fewer); for grouped:K, K times the number of labels a batch can hold, min(256 // K, labels
+    present), at least one (so 160 for grouped:16 on 10 classes), the largest batch the sampler can form."""
+    from brn_cli.data.samplers import parse_sampler
+
+    mode = parse_sampler(sampler)
+    if not mode.startswith("grouped:"):
+        return max(1, min(DEFAULT_BATCH, len(labels)))
+    k = int(mode.split(":")[1])
+    present = (
+        int((torch.bincount(torch.as_tensor(labels, dtype=torch.int64)) > 0).sum()) if len(labels) else 0
+    )
+    return k * max(1, min(DEFAULT_BATCH // k, present))
+
+
+def evaluate_data(
+    model: nn.Module,
+    bundle: Any,
+    *,
+    batch_size: int | None = None,
+    batch_stats: bool = False,
+    sampler: str = "iid",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate on a DataBundle's validation split: inference mode, plus batch-stats mode when asked.
+
+    Inference mode visits every validation example once. Batch-statistics batches are built like training
+    batches (`sampler`: iid or grouped:K, full batches only, since a short batch would give noisier
+    statistics), as the paper evaluated with test minibatches composed like the training ones.
+    `batch_size` None: :func:`default_batch_size` for the validation labels and `sampler`. Before either
+    pass, :func:`~brn_cli.data.datasets.fit_data_to_model` checks the data against the model (channels, classes).
+    Returns {"inference": EvalResult dict, "batch_stats": EvalResult dict | None, "gap": accuracy
+    difference batch-stats minus inference | None}.
+    """
+    from brn_cli.data.datasets import fit_data_to_model
+    from brn_cli.data.samplers import LabelBatchSampler, eval_loader, make_loader, parse_sampler
+
+    if bundle.val is None:
+        raise BrnError(
+            "the data has no validation split: add x_val/y_val, a val/ folder, or pass --val-split"
+        )
+    sampler = parse_sampler(sampler)
+    if batch_size is None:
+        batch_size = default_batch_size(bundle.val_labels, sampler)
+    fit_data_to_model(model, bundle, split="val")
+    batch_sampler = None
+    if batch_stats:  # check the batch composition before the (longer) inference pass
+        batch_sampler = LabelBatchSampler(bundle.val_labels, batch_size, sampler, seed=seed)
+    inference = evaluate(model, eval_loader(bundle.val, batch_size), device=device, progress=progress)
+    result: dict[str, Any] = {"inference": inference.to_dict(), "batch_stats": None, "gap": None}
+    if batch_sampler is not None:
+        stats = evaluate(
+            model, make_loader(bundle.val, batch_sampler), device=device, batch_stats=True, progress=progress
+        )
+        result["batch_stats"] = {**stats.to_dict(), "sampler": sampler, "batch_size": batch_size}
+        result["gap"] = stats.accuracy - inference.accuracy
+    return result

@@ -1,0 +1,376 @@
+"""BatchNorm -> Batch Renormalization, leaving eval-mode outputs unchanged.
+
+The renorm layer keeps nn.BatchNorm's state layout, so conversion copies weight, bias, running_mean,
+running_var and num_batches_tracked without arithmetic; the inference function is the same expression,
+evaluated by the same kernel. What conversion changes is training: renorm starts with rmax=1, dmax=0
+(plain batchnorm) until a schedule relaxes the limits.
+
+Which modules convert:
+  * nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm (and subclasses that do not override ``forward``);
+  * timm's BatchNormAct2d / SyncBatchNormAct -> :class:`~brn_cli.nn.layer.BatchRenormAct`, keeping their
+    dropout and activation children;
+  * skipped, with the reason: layers without running statistics, subclasses that override ``forward`` with
+    behaviour brn does not know, names excluded by the user's globs.
+
+A layer selected for conversion whose running statistics hold NaN or inf (or a negative variance), or
+whose eps is not > 0, is refused with its name before anything is replaced: renorm trains from those
+statistics and divides by sigma_B = sqrt(var_B + eps).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from brn_cli.errors import BrnError
+from brn_cli.nn.layer import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    BatchRenormAct,
+    BatchRenormNd,
+    describe_bad_running_stats,
+)
+from brn_cli.nn.outputs import flat_outputs
+
+_PLAIN_TARGETS: dict[type, type[BatchRenormNd]] = {
+    nn.BatchNorm1d: BatchRenorm1d,
+    nn.BatchNorm2d: BatchRenorm2d,
+    nn.BatchNorm3d: BatchRenorm3d,
+    nn.SyncBatchNorm: BatchRenormNd,
+}
+_LAYER_TYPES: dict[str, type[BatchRenormNd]] = {
+    cls.__name__: cls for cls in (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormNd, BatchRenormAct)
+}
+_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
+
+
+@dataclass
+class LayerDecision:
+    """What conversion does (or did) with one normalization module."""
+
+    name: str
+    source_type: str
+    num_features: int
+    action: str  # "convert" or "skip"
+    target_type: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_timm_norm_act(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in _TIMM_NORM_ACT and cls.__module__.startswith("timm.")
+
+
+def _target_for(module: _BatchNorm) -> tuple[type[BatchRenormNd] | None, str | None]:
+    """The renorm class for `module`, or (None, reason it is skipped)."""
+    if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+        return None, "no running statistics (track_running_stats=False): nothing to renormalize towards"
+    if _is_timm_norm_act(module):
+        return BatchRenormAct, None
+    for base, target in _PLAIN_TARGETS.items():
+        if isinstance(module, base):
+            own_forward = (
+                type(module).forward is not base.forward and type(module).forward is not _BatchNorm.forward
+            )
+            if own_forward:
+                return None, (
+                    f"{type(module).__qualname__} overrides forward(); converting would drop its behaviour"
+                )
+            return target, None
+    return None, f"unknown BatchNorm variant {type(module).__qualname__}"
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str | None:
+    if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+        return "not matched by --include"
+    if exclude and any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+        return "matched by --exclude"
+    return None
+
+
+def plan_conversion(
+    model: nn.Module, *, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[LayerDecision]:
+    """Decide, for every BatchNorm module of `model`, whether it converts and to what."""
+    decisions = []
+    for name, module in model.named_modules():
+        if isinstance(module, BatchRenormNd) or not isinstance(module, _BatchNorm):
+            continue
+        target, reason = _target_for(module)
+        if target is not None:
+            reason = _selected(name, include, exclude)
+        decisions.append(
+            LayerDecision(
+                name=name,
+                source_type=type(module).__name__,
+                num_features=int(module.num_features),
+                action="convert" if reason is None else "skip",
+                target_type=target.__name__ if reason is None and target is not None else None,
+                reason=reason,
+            )
+        )
+    return decisions
+
+
+def _unusable(bn: _BatchNorm) -> str | None:
+    """Why a renorm layer cannot start from `bn` (and what to do), or None."""
+    eps = float(bn.eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        return (
+            f"eps is {eps:g}; batch renorm needs eps > 0 (it divides by sqrt(batch variance + eps)): "
+            "build the model with a positive eps, e.g. 1e-5"
+        )
+    problem = describe_bad_running_stats(bn.running_mean, bn.running_var)
+    if problem is not None:
+        return f"{problem}; fix or recalibrate the source (brn calibrate)"
+    return None
+
+
+def check_convertible(model: nn.Module, decisions: Sequence[LayerDecision]) -> None:
+    """Raise BrnError naming the first layer set to convert whose eps or running statistics a renorm
+    layer cannot use (NaN, inf, a negative variance, eps <= 0), and how many more there are."""
+    bad = []
+    for decision in decisions:
+        if decision.action != "convert":
+            continue
+        bn = model.get_submodule(decision.name) if decision.name else model
+        reason = _unusable(bn)
+        if reason is not None:
+            bad.append((decision.name or type(bn).__name__, reason))
+    if not bad:
+        return
+    (name, reason), others = bad[0], [n for n, _ in bad[1:]]
+    what, _, advice = reason.partition("; ")
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        what += f" (and {len(others)} more layer{'s' if len(others) > 1 else ''}: {shown})"
+    raise BrnError(f"{name}: {what}; {advice}")
+
+
+def renorm_from_batchnorm(
+    bn: _BatchNorm, target: type[BatchRenormNd], *, momentum: float, rmax: float = 1.0, dmax: float = 0.0
+) -> BatchRenormNd:
+    """A renorm layer with `bn`'s parameters and statistics (copied, not recomputed)."""
+    ref = bn.running_mean
+    kwargs: dict[str, Any] = {
+        "eps": bn.eps,
+        "momentum": momentum,
+        "rmax": rmax,
+        "dmax": dmax,
+        "affine": bn.affine,
+        "device": ref.device,
+        "dtype": ref.dtype,
+    }
+    if target is BatchRenormAct:
+        layer = BatchRenormAct(bn.num_features, drop=bn.drop, act=bn.act, **kwargs)
+    else:
+        layer = target(bn.num_features, **kwargs)
+    with torch.no_grad():
+        if bn.affine:
+            layer.weight.copy_(bn.weight)
+            layer.bias.copy_(bn.bias)
+        layer.running_mean.copy_(bn.running_mean)
+        layer.running_var.copy_(bn.running_var)
+        if bn.num_batches_tracked is not None:
+            layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+    if bn.affine:
+        layer.weight.requires_grad_(bn.weight.requires_grad)
+        layer.bias.requires_grad_(bn.bias.requires_grad)
+    layer.train(bn.training)
+    return layer
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_batchnorm(
+    model: nn.Module,
+    *,
+    momentum: float = 0.01,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    rmax: float = 1.0,
+    dmax: float = 0.0,
+) -> nn.Module:
+    """Replace BatchNorm modules of `model` by Batch Renorm in place; returns `model`.
+
+    Eval-mode outputs are unchanged. `include` / `exclude` are fnmatch globs on module names
+    (``layer1.*``). The new layers start at rmax=1, dmax=0 (batchnorm) unless told otherwise; `momentum`
+    is the paper's alpha. Use :func:`plan_conversion` to see what would convert and why not.
+    A model that is itself a BatchNorm module is returned as a new renorm module. A layer set to convert
+    whose eps or running statistics renorm cannot use raises BrnError naming it, with `model` untouched.
+    """
+    decisions = plan_conversion(model, include=include, exclude=exclude)
+    check_convertible(model, decisions)
+    for decision in decisions:
+        if decision.action != "convert":
+            continue
+        bn = model.get_submodule(decision.name) if decision.name else model
+        new = renorm_from_batchnorm(
+            bn, _LAYER_TYPES[decision.target_type], momentum=momentum, rmax=rmax, dmax=dmax
+        )
+        if not decision.name:
+            return new
+        _set_submodule(model, decision.name, new)
+    return model
+
+
+def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
+    """Re-create the renorm layers recorded in a brn checkpoint on a freshly built architecture."""
+    for name, settings in layers.items():
+        try:
+            bn = model.get_submodule(name)
+        except AttributeError:
+            raise BrnError(
+                f"checkpoint records renorm layer {name!r}, which the architecture lacks"
+            ) from None
+        if not isinstance(bn, _BatchNorm):
+            raise BrnError(
+                f"checkpoint records renorm layer {name!r}, but the architecture has a "
+                f"{type(bn).__name__} there"
+            )
+        target = _LAYER_TYPES.get(settings.get("type", ""))
+        if target is None:
+            raise BrnError(f"checkpoint layer {name!r} has unknown type {settings.get('type')!r}")
+        try:
+            new = renorm_from_batchnorm(
+                bn,
+                target,
+                momentum=float(settings["momentum"]),
+                rmax=float(settings["rmax"]),
+                dmax=float(settings["dmax"]),
+            )
+            new.eps = float(settings.get("eps", new.eps))
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = f"no {exc.args[0]!r} setting" if isinstance(exc, KeyError) else str(exc)
+            raise BrnError(f"checkpoint layer {name!r}: {detail}") from None
+        _set_submodule(model, name, new)
+    return model
+
+
+def restore_batchnorm(model: nn.Module) -> nn.Module:
+    """The inverse of conversion: every renorm layer back to the matching nn.BatchNorm, in place.
+
+    Keeps the eval-mode function exactly (same buffers, same kernel). A renorm layer carrying an activation
+    (from timm's BatchNormAct2d) comes back as timm's BatchNormAct2d when timm is installed.
+    """
+    back = {
+        BatchRenorm1d: nn.BatchNorm1d,
+        BatchRenorm2d: nn.BatchNorm2d,
+        BatchRenorm3d: nn.BatchNorm3d,
+        BatchRenormNd: nn.SyncBatchNorm,
+    }
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BatchRenormNd):
+            continue
+        ref = module.running_mean
+        kwargs = {
+            "eps": module.eps,
+            "momentum": module.momentum,
+            "affine": module.affine,
+            "device": ref.device,
+            "dtype": ref.dtype,
+        }
+        if isinstance(module, BatchRenormAct):
+            from timm.layers.norm_act import BatchNormAct2d
+
+            bn = BatchNormAct2d(module.num_features, **kwargs)
+            bn.drop, bn.act = module.drop, module.act
+        else:
+            bn = back[type(module)](module.num_features, **kwargs)
+        bn.load_state_dict(module.state_dict(), strict=False)
+        bn.train(module.training)
+        if not name:
+            return bn
+        _set_submodule(model, name, bn)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking that conversion left the inference function alone
+# ----------------------------------------------------------------------------------------------
+
+
+def infer_input_shape(model: nn.Module, batch: int = 2, arch_spec: str | None = None) -> list[int] | None:
+    """Guess an input shape: channels from the first Conv/Linear module (module order: only a guess), the
+    image size from the architecture's own metadata where it has some (timm's ``pretrained_cfg``,
+    torchvision's weight presets: 240 for efficientnet_b1, 299 for inception_v3), else a default."""
+    shape = _shape_from_first_module(model, batch)
+    size = _architecture_image_size(model, arch_spec)
+    if shape is not None and size is not None and len(shape) in (4, 5):
+        shape[-2:] = list(size)
+    return shape
+
+
+def _shape_from_first_module(model: nn.Module, batch: int) -> list[int] | None:
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            return [batch, module.in_channels, 64]
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            side = 224 if module.in_channels == 3 else 32
+            return [batch, module.in_channels, side, side]
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            return [batch, module.in_channels, 8, 64, 64]
+        if isinstance(module, nn.Linear):
+            return [batch, module.in_features]
+        if isinstance(module, (_BatchNorm, BatchRenormNd)):
+            if isinstance(module, (nn.BatchNorm1d, BatchRenorm1d)):
+                return [batch, module.num_features]
+            return None
+    return None
+
+
+def _architecture_image_size(model: nn.Module, arch_spec: str | None) -> tuple[int, int] | None:
+    """(H, W) the architecture is meant for, from metadata that ships with the code (nothing is fetched)."""
+    cfg = getattr(model, "pretrained_cfg", None)  # timm models carry their default input size
+    if isinstance(cfg, dict):
+        size = cfg.get("input_size")
+        if isinstance(size, (tuple, list)) and len(size) >= 3:
+            return int(size[-2]), int(size[-1])
+    if arch_spec and arch_spec.startswith("torchvision:"):
+        try:
+            from torchvision.models import get_model_weights
+
+            preset = get_model_weights(arch_spec.split(":", 1)[1]).DEFAULT.transforms
+            crop = preset.keywords["crop_size"]
+        except Exception:  # no weights registered, another preset, or no torchvision: fall back to a default
+            return None
+        crop = list(crop) if isinstance(crop, (tuple, list)) else [crop]
+        return (int(crop[0]), int(crop[-1])) if crop else None
+    return None
+
+
+@torch.no_grad()
+def max_eval_difference(
+    original: nn.Module, converted: nn.Module, input_shape: Sequence[int], *, seed: int = 0
+) -> float:
+    """Largest |difference| between the eval-mode outputs of two models on one random input."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = next((p for p in original.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.randn(*input_shape, generator=gen, dtype=dtype)
+    was = original.training, converted.training
+    original.eval()
+    converted.eval()
+    try:
+        a, b = flat_outputs(original(x)), flat_outputs(converted(x))
+    finally:
+        original.train(was[0])
+        converted.train(was[1])
+    if len(a) != len(b) or not a:
+        return float("nan")
+    return max(float((u.float() - v.float()).abs().max()) for u, v in zip(a, b, strict=True))

@@ -1,0 +1,907 @@
+r"""Batch Renormalization layers (Ioffe, NIPS 2017, Algorithm 1).
+
+Per channel (axis 1), statistics over every other axis, in training mode::
+
+    mu_B    = mean(x)
+    sigma_B = sqrt(eps + mean((x - mu_B)^2))        # biased, eps inside the sqrt
+    r = stop_grad(clip(sigma_B / sigma, 1/rmax, rmax))
+    d = stop_grad(clip((mu_B - mu) / sigma, -dmax, dmax))
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+    mu    <- mu    + momentum * (mu_B - mu)         # momentum is the paper's alpha
+    sigma <- sigma + momentum * (sigma_B - sigma)   # sigma is averaged, not the variance
+
+and in inference mode ``y = gamma * (x - mu) / sigma + beta``.
+
+State layout is nn.BatchNorm's (``weight, bias, running_mean, running_var, num_batches_tracked``) with
+``sigma = sqrt(running_var + eps)``; after each step ``running_var = max(sigma_new^2 - eps, 0)``. So a
+BatchNorm state_dict loads here unchanged, a renorm state_dict loads into nn.BatchNorm with the same
+inference function, and folding is exactly BatchNorm folding.
+
+Edge cases, decided against nn.BatchNorm:
+
+* ``eps`` must be finite and > 0: sigma_B divides, and a constant channel would give 0/0. (nn.BatchNorm
+  accepts eps <= 0 when built and raises once it trains.)
+* Running statistics that hold NaN or inf, or a negative running_var, are refused when loaded
+  (``load_state_dict`` names the layer). A training step updates sigma as
+  ``(1 - momentum) * sigma + momentum * sigma_B`` (defined when either is inf, where
+  ``sigma + momentum * (sigma_B - sigma)`` is inf - inf = NaN) and stores running_var clamped to
+  [0, largest finite value of its dtype]. So a batch whose variance overflows saturates running_var
+  instead of making it inf, and a running_var written as inf into the buffer acts as sigma = inf for one
+  step (r = 1/rmax, d = 0, finite outputs) and is then stored saturated. Finite inputs never leave NaN or
+  inf in the buffers; NaN or inf inputs give NaN statistics as in BatchNorm.
+* An empty batch (any axis of size 0) gives an empty output, zero gradients for gamma and beta, and
+  leaves the moving averages alone; ``num_batches_tracked`` still counts it (as nn.BatchNorm).
+
+Speed: with r and d constant, ``y = BN_train(x; weight=gamma*r, bias=gamma*d+beta)`` holds for the output
+and for every gradient, so the training step reuses the framework's batch-norm kernels (statistics,
+elementwise, backward) inside one autograd.Function and costs what BatchNorm costs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brn_cli.errors import BrnError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "BatchRenormAct",
+    "BatchRenormNd",
+    "RenormTelemetry",
+    "batch_renorm",
+    "collect_telemetry",
+    "describe_bad_running_stats",
+]
+
+# Telemetry slots, computed from per-channel vectors only (no extra pass over the activations).
+_TELEMETRY_FIELDS = ("r_clip_frac", "d_clip_frac", "mean_abs_log_r", "mean_abs_d")
+
+
+@dataclass(frozen=True)
+class RenormTelemetry:
+    """What the last training step of one layer did, from the unclipped per-channel r and d.
+
+    r_clip_frac / d_clip_frac: fraction of channels whose r (resp. d) hit its limit.
+    mean_abs_log_r / mean_abs_d: how far the batch statistics were from the moving averages.
+    """
+
+    r_clip_frac: float
+    d_clip_frac: float
+    mean_abs_log_r: float
+    mean_abs_d: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional core
+# ----------------------------------------------------------------------------------------------
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of `x`, always in float32 or wider.
+
+    Uses the kernel nn.BatchNorm uses for its own statistics (one read of `x`, any memory format).
+    """
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == stat_dtype:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    else:
+        # Half-precision input: passing fp32 running buffers selects the mixed-precision kernel, which
+        # accumulates and returns fp32 statistics. momentum=0 leaves the scratch buffers as they are.
+        c = x.shape[1]
+        scratch_mean = torch.zeros(c, device=x.device, dtype=stat_dtype)
+        scratch_var = torch.ones(c, device=x.device, dtype=stat_dtype)
+        mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
+    return _as(mean, stat_dtype), _as(var, stat_dtype)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Tensor.to costs a few microseconds even when it is a no-op; the hot path skips it.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+Limit = float | Tensor  # a float, or a 0-dim tensor under torch.compile (see BatchRenormNd._limits)
+
+
+def _clip_r(r: Tensor, rmax: Limit) -> Tensor:
+    if isinstance(rmax, Tensor):
+        return torch.clamp(r, torch.reciprocal(rmax), rmax)
+    return r.clamp(1.0 / rmax, rmax) if rmax != math.inf else r
+
+
+def _clip_d(d: Tensor, dmax: Limit) -> Tensor:
+    if isinstance(dmax, Tensor):
+        return torch.clamp(d, -dmax, dmax)
+    return d.clamp(-dmax, dmax) if dmax != math.inf else d
+
+
+def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[Tensor, Tensor]:
+    """Combine per-rank (mean, biased var, count) into global ones with one all_reduce of sums."""
+    import torch.distributed as dist
+
+    packed = torch.cat(
+        [
+            (mean.double() * count),
+            (var.double() + mean.double() ** 2) * count,
+            torch.tensor([float(count)], device=mean.device, dtype=torch.float64),
+        ]
+    )
+    dist.all_reduce(packed, group=process_group)
+    c = mean.numel()
+    total = packed[-1]
+    g_mean = packed[:c] / total
+    g_var = (packed[c : 2 * c] / total - g_mean**2).clamp_min(0.0)
+    return g_mean.to(mean.dtype), g_var.to(var.dtype)
+
+
+def _telemetry_values(rd: Tensor) -> Tensor:
+    """(r clip fraction, d clip fraction, mean |log r|, mean |d|) from the per-channel rows
+    (r unclipped, d unclipped, r clipped, d clipped) of one step.
+
+    A channel's r (d) hit its limit exactly when clipping changed it. Per-channel vectors only: no pass
+    over the activations. NaN rows (no step yet) give NaN.
+    """
+    rd = rd.detach().float()
+    return torch.stack(
+        [
+            (rd[2] != rd[0]).float().mean(),
+            (rd[3] != rd[1]).float().mean(),
+            rd[0].log().abs().mean(),
+            rd[1].abs().mean(),
+        ]
+    )
+
+
+def _statistics_and_update(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Limit,
+    dmax: Limit,
+    process_group=None,
+    average_stats: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel part of a training step, without gradient: the batch statistics, r and d, and the
+    moving-average update of running_mean / running_var (in place).
+
+    Returns (mu_B, var_B, sigma_B, r unclipped, d unclipped, r, d), all in the statistics dtype (fp32 or
+    wider).
+    """
+    with torch.no_grad():
+        mean_b, var_b = _batch_stats(x)
+        if process_group is not None and not average_stats:
+            mean_b, var_b = _sync_stats(mean_b, var_b, x.numel() // x.shape[1], process_group)
+        stat_dtype = mean_b.dtype
+        sigma_b = torch.sqrt(var_b + eps)
+        var_max = torch.finfo(running_var.dtype).max
+
+        mu = _as(running_mean, stat_dtype)
+        sigma = (_as(running_var, stat_dtype) + eps).sqrt_()
+        r_raw = sigma_b / sigma
+        d_raw = (mean_b - mu).div_(sigma)
+        r = _clip_r(r_raw, rmax)
+        d = _clip_d(d_raw, dmax)
+
+        # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
+        if process_group is not None and average_stats:
+            import torch.distributed as dist
+
+            world = dist.get_world_size(process_group)
+            packed = torch.cat([mean_b, sigma_b]).double() / world
+            dist.all_reduce(packed, group=process_group)
+            upd_mean, upd_sigma = (
+                packed[: mean_b.numel()].to(stat_dtype),
+                packed[mean_b.numel() :].to(stat_dtype),
+            )
+        else:
+            upd_mean, upd_sigma = mean_b, sigma_b
+        # (1 - a) * sigma + a * sigma_B, the update of Algorithm 1 in the form that stays defined when sigma
+        # or sigma_B is inf (lerp's sigma + a * (sigma_B - sigma) is inf - inf = NaN there). sigma is not
+        # needed after r and d: updated in place.
+        new_sigma = sigma.mul_(1.0 - momentum).add_(upd_sigma, alpha=momentum)
+        if running_mean.dtype == stat_dtype:
+            running_mean.lerp_(upd_mean, momentum)
+        else:
+            running_mean.copy_(torch.lerp(mu, upd_mean, momentum))
+        # var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by rounding), and saturating at
+        # the largest finite value: a batch whose variance overflows (sigma_B = inf) leaves it finite.
+        if running_var.dtype == stat_dtype:
+            torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_(0.0, var_max)
+        else:
+            running_var.copy_(new_sigma.square_().sub_(eps).clamp_(0.0, var_max))
+    return mean_b, var_b, sigma_b, r_raw, d_raw, r, d
+
+
+# Under torch.compile the step above runs as one opaque op that declares its writes to the running buffers.
+# Written as plain ops, the AOT partitioner may recompute r and d in the backward from running_mean /
+# running_var *after* the in-place update, which silently gives wrong gradients (pytorch/pytorch#197039).
+# An op that mutates its inputs is never recomputed, so r and d are saved as computed.
+@torch.library.custom_op("brn::renorm_statistics", mutates_args=("running_mean", "running_var"))
+def _renorm_statistics_op(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, momentum: float, limits: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _statistics_and_update(x, running_mean, running_var, eps, momentum, limits[0], limits[1])
+
+
+@_renorm_statistics_op.register_fake
+def _(x, running_mean, running_var, eps, momentum, limits):
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(7))
+
+
+def _renorm_train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Limit,
+    dmax: Limit,
+    sink: list | None,
+    process_group,
+    average_stats: bool,
+) -> Tensor:
+    """Training step of Algorithm 1 on top of the native batch-norm kernels.
+
+    The statistics, r, d and the moving-average update are per-channel work done without gradient
+    (r and d are constants for backprop by definition); :class:`_BatchRenormFn` then applies the
+    normalization and owns the backward. `sink`, if a list, receives the per-channel
+    (r unclipped, d unclipped, r, d) for telemetry.
+    """
+    if not torch.compiler.is_compiling():
+        stats = _statistics_and_update(
+            x, running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
+        )
+    elif process_group is None and isinstance(rmax, Tensor) and isinstance(dmax, Tensor):
+        stats = _renorm_statistics_op(
+            x.detach(), running_mean, running_var, eps, momentum, torch.stack([rmax, dmax])
+        )
+    else:  # collectives cannot enter a custom op: run this part eagerly (a graph break, but exact)
+        stats = torch.compiler.disable(_statistics_and_update)(
+            x.detach(), running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
+        )
+    mean_b, var_b, sigma_b, r_raw, d_raw, r, d = stats
+    if sink is not None:
+        sink[:] = [r_raw, d_raw, r, d]
+    global_stats = process_group is not None and not average_stats
+    return _BatchRenormFn.apply(
+        x,
+        weight,
+        bias,
+        mean_b,
+        var_b,
+        sigma_b,
+        r,
+        d,
+        eps,
+        process_group if global_stats else None,
+        x.numel() // x.shape[1],
+    )
+
+
+class _BatchRenormFn(torch.autograd.Function):
+    """y = gamma * ((x - mu_B) / sigma_B * r + d) + beta with the batch statistics and r, d given.
+
+    That is BatchNorm with weight' = gamma * r and bias' = gamma * d + beta, so the forward is the
+    inference-mode elementwise kernel fed (mu_B, var_B) and the backward is BatchNorm's own backward kernel,
+    which accounts for mu_B and sigma_B depending on x; r and d get no gradient.
+    `process_group` (global statistics only) makes the backward sums global too.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean_b: Tensor,
+        var_b: Tensor,
+        sigma_b: Tensor,
+        r: Tensor,
+        d: Tensor,
+        eps: float,
+        process_group,
+        count: int,
+    ) -> Tensor:
+        stat_dtype = mean_b.dtype
+        if weight is not None:
+            gamma = _as(weight, stat_dtype)
+            w_eff = gamma * r
+            b_eff = torch.addcmul(_as(bias, stat_dtype), gamma, d) if bias is not None else gamma * d
+        else:
+            w_eff = r
+            b_eff = d if bias is None else d + _as(bias, stat_dtype)
+        # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
+        # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
+        y = torch.batch_norm(x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+        invstd_b = torch.reciprocal(sigma_b)  # as BatchNorm saves it: 1 / sqrt(var + eps)
+        ctx.save_for_backward(x, w_eff, mean_b, invstd_b, r, d)
+        ctx.eps = eps
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.process_group = process_group
+        ctx.count = count
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, w_eff, mean_b, invstd_b, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        if ctx.process_group is None:
+            grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, w_eff, None, None, mean_b, invstd_b, True, ctx.eps, [need_x, True, True]
+            )
+        else:
+            grad_x, grad_w_eff, grad_b_eff = _synced_backward(
+                grad_out, x, w_eff, mean_b, invstd_b, ctx.count, ctx.process_group, need_x
+            )
+        grad_weight = grad_bias = None
+        # y = gamma * (r * xhat + d) + beta  =>  dgamma = r * sum(g*xhat) + d * sum(g),  dbeta = sum(g)
+        if ctx.has_weight and need_w:
+            gw, gb = _as(grad_w_eff, r.dtype), _as(grad_b_eff, r.dtype)
+            grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
+        if ctx.has_bias and need_b:
+            grad_bias = _as(grad_b_eff, ctx.weight_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _synced_backward(grad_out, x, w_eff, mean_b, invstd_b, count, process_group, need_x):
+    """Batch-norm backward with global statistics: all_reduce of the two per-channel sums (as SyncBN)."""
+    import torch.distributed as dist
+
+    dims = _reduce_dims(x)
+    g32 = grad_out.to(mean_b.dtype)
+    xmu = x.to(mean_b.dtype) - _channel_view(mean_b, x)
+    sum_dy = g32.sum(dims)
+    sum_dy_xmu = (g32 * xmu).sum(dims)
+    grad_w_eff = sum_dy_xmu * invstd_b  # local: DDP averages parameter gradients itself
+    grad_b_eff = sum_dy.clone()
+    grad_x = None
+    if need_x:
+        packed = torch.cat(
+            [sum_dy, sum_dy_xmu, torch.tensor([float(count)], device=x.device, dtype=sum_dy.dtype)]
+        )
+        dist.all_reduce(packed, group=process_group)
+        c = sum_dy.numel()
+        n = packed[-1]
+        mean_dy = packed[:c] / n
+        mean_dy_xmu = packed[c : 2 * c] / n
+        grad_x = (
+            g32 - _channel_view(mean_dy, x) - xmu * _channel_view(invstd_b**2 * mean_dy_xmu, x)
+        ) * _channel_view(invstd_b * w_eff, x)
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_w_eff, grad_b_eff
+
+
+def _microbatch_renorm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Limit,
+    dmax: Limit,
+    microbatch: int,
+    sink: list | None,
+    process_group=None,
+) -> Tensor:
+    """Algorithm 1 applied to each group of `microbatch` consecutive examples (the paper's section 4.2).
+
+    Each group is normalized with its own statistics and its own r, d; the moving averages take one step
+    towards the mean of the groups' mu_B and sigma_B (over every rank's groups when `process_group` is
+    given, so the moving averages stay identical on all ranks). Written with generic ops (autograd through mu_B and
+    sigma_B, r and d detached) since this is a study setting rather than the hot path.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if n % microbatch:
+        raise ValueError(f"batch of {n} does not split into microbatches of {microbatch}")
+    groups = n // microbatch
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    xg = x.to(stat_dtype).reshape(groups, microbatch, c, -1)
+    var_b, mean_b = torch.var_mean(xg, dim=(1, 3), unbiased=False, keepdim=True)  # [G,1,C,1]
+    sigma_b = torch.sqrt(var_b + eps)
+    mu = running_mean.to(stat_dtype).view(1, 1, c, 1)
+    sigma = torch.sqrt(running_var.to(stat_dtype) + eps).view(1, 1, c, 1)
+    with torch.no_grad():
+        r_raw = sigma_b / sigma
+        d_raw = (mean_b - mu) / sigma
+        r = _clip_r(r_raw, rmax)
+        d = _clip_d(d_raw, dmax)
+    y = (xg - mean_b) / sigma_b * r + d
+    if weight is not None:
+        y = y * weight.to(stat_dtype).view(1, 1, c, 1)
+    if bias is not None:
+        y = y + bias.to(stat_dtype).view(1, 1, c, 1)
+    with torch.no_grad():
+        if sink is not None:
+            # Per channel, the group furthest from the moving averages (the limits are symmetric in
+            # log r and in d, so a channel clipped in any group is clipped in this one).
+            r_ext = r_raw.flatten(1).gather(0, r_raw.log().abs().flatten(1).argmax(0, keepdim=True))[0]
+            d_ext = d_raw.flatten(1).gather(0, d_raw.abs().flatten(1).argmax(0, keepdim=True))[0]
+            r_ext_c = _clip_r(r_ext, rmax)
+            d_ext_c = _clip_d(d_ext, dmax)
+            sink[:] = [r_ext, d_ext, r_ext_c, d_ext_c]
+        upd_mean, upd_sigma = mean_b.mean(0).flatten(), sigma_b.mean(0).flatten()
+        if process_group is not None:
+            import torch.distributed as dist
+
+            packed = torch.cat([upd_mean, upd_sigma]).double() / dist.get_world_size(process_group)
+            dist.all_reduce(packed, group=process_group)
+            upd_mean, upd_sigma = packed[:c].to(stat_dtype), packed[c:].to(stat_dtype)
+        new_mu = running_mean.to(stat_dtype) + momentum * (upd_mean - running_mean.to(stat_dtype))
+        sig = sigma.flatten()
+        new_sigma = (1.0 - momentum) * sig + momentum * upd_sigma  # as in _statistics_and_update
+        running_mean.copy_(new_mu)
+        running_var.copy_((new_sigma * new_sigma - eps).clamp(0.0, torch.finfo(running_var.dtype).max))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    rmax: float = 1.0,
+    dmax: float = 0.0,
+    microbatch: int | None = None,
+    telemetry: Tensor | None = None,
+    process_group: ProcessGroup | None = None,
+    average_stats: bool = False,
+) -> Tensor:
+    """Functional Batch Renormalization (see the module docstring for the math).
+
+    In training mode `running_mean` and `running_var` are updated in place (var = sigma^2 - eps layout).
+    `telemetry`, if given, is a float tensor of 4 slots filled with (r clip fraction, d clip fraction,
+    mean |log r|, mean |d|). `process_group` makes the batch statistics global over the group
+    (`average_stats=False`) or keeps them per rank and averages only the moving-average update
+    (`average_stats=True`). `eps` must be finite and > 0.
+    """
+    _check_eps(eps)
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    sink: list | None = [] if telemetry is not None else None
+    y = _batch_renorm_train(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        rmax,
+        dmax,
+        microbatch,
+        sink,
+        process_group,
+        average_stats,
+    )
+    if telemetry is not None:
+        if sink:
+            telemetry.copy_(_telemetry_values(torch.stack(sink)))
+        else:  # an empty batch has no r or d
+            telemetry.fill_(math.nan)
+    return y
+
+
+def _check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+
+
+def _check_limits(rmax: float, dmax: float) -> None:
+    if not rmax >= 1.0:
+        raise ValueError(f"rmax must be >= 1, got {rmax}")
+    if not dmax >= 0.0:
+        raise ValueError(f"dmax must be >= 0, got {dmax}")
+
+
+def _batch_renorm_train(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    rmax: Limit,
+    dmax: Limit,
+    microbatch: int | None,
+    sink: list | None,
+    process_group,
+    average_stats: bool,
+) -> Tensor:
+    """The training step; `sink`, if a list, receives per-channel (r unclipped, d unclipped, r, d)."""
+    if not isinstance(rmax, Tensor):  # tensor limits come from a module, which checked them when set
+        _check_limits(rmax, dmax)
+    if x.numel() == 0 and process_group is None:
+        # As nn.BatchNorm: an empty output whose backward gives gamma and beta zero gradients, and moving
+        # averages left alone. (With a process group the collectives must still run on every rank.)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if x.shape[0] * (x.numel() // max(x.shape[0] * x.shape[1], 1)) <= 1 and process_group is None:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+        )
+    if microbatch is not None and microbatch < x.shape[0]:
+        # Reads and then updates the running buffers with plain ops: under torch.compile it runs eagerly, for
+        # the reason given at _renorm_statistics_op.
+        microbatch_fn = (
+            torch.compiler.disable(_microbatch_renorm)
+            if torch.compiler.is_compiling()
+            else _microbatch_renorm
+        )
+        return microbatch_fn(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps,
+            momentum,
+            rmax,
+            dmax,
+            microbatch,
+            sink,
+            process_group,
+        )
+    return _renorm_train_step(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+        momentum,
+        rmax,
+        dmax,
+        sink,
+        process_group,
+        average_stats,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchRenormNd(nn.Module):
+    """Batch Renormalization over channel axis 1, with nn.BatchNorm's state layout.
+
+    Args:
+        num_features: C, the channel count.
+        eps: added to the variance inside the sqrt (as nn.BatchNorm).
+        momentum: rate of the moving averages of mu and sigma (the paper's alpha; PyTorch convention,
+            new = old + momentum * (batch - old)). The paper uses 0.01.
+        rmax, dmax: clipping limits for r in [1/rmax, rmax] and d in [-dmax, dmax]. Plain attributes, read
+            at every training step, so a schedule can change them between steps. ``float('inf')`` means no
+            clipping; rmax=1, dmax=0 is exactly BatchNorm.
+        affine: learnable gamma (weight) and beta (bias).
+
+    Attributes beyond nn.BatchNorm's: ``microbatch`` (normalize groups of that many examples separately in
+    training), ``process_group`` / ``average_stats`` (distributed statistics), and ``telemetry`` (the last
+    training step's 4 numbers as a tensor; :meth:`last_telemetry` gives them as a dataclass). A step only
+    stores its per-channel r and d (one op); the summary is computed when read.
+    """
+
+    _version = 2
+    _expected_dim: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        rmax: float = 1.0,
+        dmax: float = 0.0,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self._eps = math.nan
+        self.eps = eps
+        self.momentum = momentum
+        # rmax and dmax read as floats, and are mirrored in this 2-element tensor that the forward reads
+        # under torch.compile, so a schedule changing them every step never invalidates a compiled graph.
+        self.register_buffer(
+            "_limits", torch.tensor([1.0, 0.0], device=device, dtype=torch.float32), persistent=False
+        )
+        self._rmax = self._dmax = math.nan
+        self.rmax = rmax
+        self.dmax = dmax
+        self.affine = affine
+        self.track_running_stats = True  # renorm needs them; kept for code that checks nn.BatchNorm's API
+        self.microbatch: int | None = None
+        self.process_group = None
+        self.average_stats = False
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer(
+            "num_batches_tracked",
+            torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+        )
+        # Telemetry is scratch, not state: kept out of the state_dict. A step stores its per-channel
+        # (r unclipped, d unclipped, r, d) here in one op; the 4 summary numbers are computed when read.
+        # Being a buffer, it follows .to(), DDP's buffer broadcast, and code that saves/restores buffers.
+        self.register_buffer(
+            "_telemetry_rd", torch.full((4, num_features), float("nan"), **factory), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def __deepcopy__(self, memo: dict) -> BatchRenormNd:
+        # A process group is a communicator handle, not state, and cannot be copied: copies share it.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __setstate__(self, state: dict) -> None:
+        if "eps" in state:  # pickled before eps became a checked property
+            state["_eps"] = state.pop("eps")
+        super().__setstate__(state)
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance inside the sqrt; finite and > 0 (sigma_B divides)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        value = float(value)
+        _check_eps(value)
+        self._eps = value
+
+    @property
+    def rmax(self) -> float:
+        """r is clipped to [1/rmax, rmax]; 1 is batchnorm, inf no clipping. Read at every training step."""
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value: float) -> None:
+        value = float(value)
+        _check_limits(value, 0.0)
+        if value != self._rmax:
+            self._rmax = value
+            with torch.no_grad():
+                self._limits[0] = value
+
+    @property
+    def dmax(self) -> float:
+        """d is clipped to [-dmax, dmax]; 0 is batchnorm, inf no clipping. Read at every training step."""
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value: float) -> None:
+        value = float(value)
+        _check_limits(1.0, value)
+        if value != self._dmax:
+            self._dmax = value
+            with torch.no_grad():
+                self._limits[1] = value
+
+    @property
+    def running_sigma(self) -> Tensor:
+        """sigma = sqrt(running_var + eps), the moving standard deviation of Algorithm 1."""
+        return torch.sqrt(self.running_var + self.eps)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2 or (self._expected_dim and x.dim() not in self._expected_dim):
+            wanted = " or ".join(map(str, self._expected_dim)) or ">= 2"
+            raise ValueError(f"{type(self).__name__} expects {wanted}D input, got {x.dim()}D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        self.num_batches_tracked.add_(1)
+        # Read now: a schedule may change them between steps. Compiled code reads the tensor mirror instead
+        # of the floats, which dynamo would bake into the graph as constants (one recompile per value).
+        if torch.compiler.is_compiling():
+            rmax, dmax = self._limits[0], self._limits[1]
+        else:
+            rmax, dmax = self._rmax, self._dmax
+        sink: list = []
+        y = _batch_renorm_train(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            rmax,
+            dmax,
+            self.microbatch,
+            sink,
+            self.process_group,
+            self.average_stats,
+        )
+        buf = self._telemetry_rd
+        if not sink:  # an empty batch has no r or d
+            buf.fill_(math.nan)
+        elif buf.dtype == sink[0].dtype:
+            torch.stack(sink, out=buf)
+        else:  # e.g. a half-precision module: fp32 statistics
+            buf.copy_(torch.stack(sink))
+        return y
+
+    @property
+    def telemetry(self) -> Tensor:
+        """The last training step's (r clip fraction, d clip fraction, mean |log r|, mean |d|); NaN before
+        the first step. A tensor on the layer's device: reading it does not synchronise."""
+        with torch.no_grad():
+            return _telemetry_values(self._telemetry_rd)
+
+    def last_telemetry(self) -> RenormTelemetry | None:
+        """Telemetry of the last training forward, or None before the first one."""
+        values = self.telemetry.tolist()
+        if any(math.isnan(v) for v in values):
+            return None
+        return RenormTelemetry(*values)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, rmax={self.rmax}, "
+            f"dmax={self.dmax}, affine={self.affine}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Old BatchNorm checkpoints (version < 2) have no num_batches_tracked, as nn.BatchNorm allows.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        # Checked before anything is copied: a renorm layer trains and infers from these.
+        problem = describe_bad_running_stats(
+            state_dict.get(prefix + "running_mean"), state_dict.get(prefix + "running_var")
+        )
+        if problem is not None:
+            raise BrnError(
+                f"{prefix[:-1] or type(self).__name__}: {problem}; refusing to load it into a renorm layer "
+                "(recalibrate the BatchNorm source with brn calibrate and convert again)"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class BatchRenormAct(BatchRenormNd):
+    """Batch Renormalization followed by dropout and an activation, as timm's BatchNormAct2d.
+
+    The converted form of norms that carry their activation: ``act(drop(renorm(x)))``. `drop` and `act`
+    are the original module's children, so the state_dict keys do not move.
+    """
+
+    def __init__(
+        self, num_features: int, *args, drop: nn.Module | None = None, act: nn.Module | None = None, **kwargs
+    ) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class BatchRenorm1d(BatchRenormNd):
+    """Batch Renormalization over (N, C) or (N, C, L) input. See :class:`BatchRenormNd`."""
+
+    _expected_dim = (2, 3)
+
+
+class BatchRenorm2d(BatchRenormNd):
+    """Batch Renormalization over (N, C, H, W) input. See :class:`BatchRenormNd`."""
+
+    _expected_dim = (4,)
+
+
+class BatchRenorm3d(BatchRenormNd):
+    """Batch Renormalization over (N, C, D, H, W) input. See :class:`BatchRenormNd`."""
+
+    _expected_dim = (5,)
+
+
+def describe_bad_running_stats(running_mean: Tensor | None, running_var: Tensor | None) -> str | None:
+    """What makes these running statistics unusable (NaN or inf anywhere, a negative variance), as
+    ``"running_var holds inf in 3 channels"``, or None if nothing does. One host sync per tensor."""
+    parts = []
+    for label, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, Tensor) or t.is_meta or not t.is_floating_point():
+            continue
+        t = t.detach()
+        finite = torch.isfinite(t)
+        negative = (t < 0) & finite if label == "running_var" else torch.zeros_like(finite)
+        nan, inf, neg = torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum(), negative.sum()]).tolist()
+        held = [f"{kind} in {_channels(n)}" for kind, n in (("NaN", nan), ("inf", inf)) if n]
+        clauses = (["holds " + " and ".join(held)] if held else []) + (
+            [f"is negative in {_channels(neg)}"] if neg else []
+        )
+        if clauses:
+            parts.append(f"{label} {' and '.join(clauses)}")
+    return ", ".join(parts) or None
+
+
+def _channels(n: int) -> str:
+    return f"{n} channel" if n == 1 else f"{n} channels"
+
+
+def collect_telemetry(model: nn.Module) -> dict[str, float]:
+    """Average the last-step telemetry over every renorm layer of `model` (one host sync).
+
+    Returns {} when no renorm layer has run a training step yet.
+    """
+    rows = [m.telemetry for m in model.modules() if isinstance(m, BatchRenormNd)]
+    if not rows:
+        return {}
+    devices = {t.device for t in rows}
+    stacked = torch.stack(rows if len(devices) == 1 else [t.cpu() for t in rows]).cpu()  # the one sync
+    valid = stacked[~torch.isnan(stacked).any(dim=1)]
+    if valid.numel() == 0:
+        return {}
+    return dict(zip(_TELEMETRY_FIELDS, valid.mean(0).tolist(), strict=True))

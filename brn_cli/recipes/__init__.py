@@ -1,0 +1,2 @@
+"""End-to-end flows built on the library: demo, paper reproduction, benchmarks, sample pretraining.
+May import anything below cli/."""

@@ -1,0 +1,404 @@
+"""`brn demo`: the whole story on the bundled sample, in one command and a couple of minutes on a CPU.
+
+The flow is the one a user follows with their own model, with the bundled MNIST digits standing in:
+
+1. **pretrain** -- the "existing model": a small ResNet trained with plain BatchNorm on i.i.d. batches
+   (:func:`brn_cli.recipes.pretrain.pretrain_batchnorm`), saved as a plain ``state_dict``;
+2. **inspect** -- its normalization layers and where each would fold (:func:`brn_cli.deploy.inspection.inspect_model`);
+3. **convert** -- BatchNorm -> Batch Renorm, checking that eval outputs did not move
+   (:func:`brn_cli.nn.convert.convert_batchnorm`);
+4. **fine-tune twice** on non-i.i.d. batches (``grouped:K``: batch/K labels, K examples of each -- the paper's
+   section 4.3), same seed, same data order, same learning rate; once with the schedule ``off`` (rmax = 1,
+   dmax = 0 throughout: exactly BatchNorm) and once with ``paper-scaled`` (Batch Renorm, the paper's
+   schedule shrunk to the run length) -- :func:`brn_cli.train.finetune.run_finetune`;
+5. **evaluate** both final models in inference mode (moving averages: what a deployed model does) and with
+   batch statistics on test batches composed like the training ones (what the training loss saw);
+6. **export** both to ONNX, folded and verified against PyTorch in onnxruntime, and measure the ONNX
+   models' accuracy on the validation digits;
+7. a comparison table (``summary.json``) and one PNG with both runs' curves (``curves.png``).
+
+Why grouped batches show the difference: with batch/K labels per batch, the minibatch mean and variance
+carry information about which labels are in the batch. BatchNorm trains a function of the whole batch and is
+then evaluated as a function of one example (the moving averages), so training and inference disagree.
+Batch Renorm's r and d correct the batch statistics towards the moving averages, so the function trained is
+the function used at inference (section 3 of the paper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brn_cli.errors import BrnError
+from brn_cli.storage.atomic import ensure_output_dir
+
+__all__ = ["DemoConfig", "DemoResult", "available_threads", "run_demo", "set_threads"]
+
+ARCH_SPEC = "brn_cli.samples.models:small_resnet"
+# The pretraining standardises pixels with these (brn_cli.recipes.pretrain); fine-tuning must see the same.
+NORMALIZE = "0.1314,0.3087"
+METHODS = {"batchnorm": "off", "renorm": "paper-scaled"}
+# Everything the demo writes into its folder (so --force removes exactly these and nothing else).
+DEMO_FILES = (
+    "bn_model.pt",
+    "brn_model.pt",
+    "batchnorm",
+    "renorm",
+    "batchnorm.onnx",
+    "renorm.onnx",
+    "curves.png",
+    "summary.json",
+)
+
+
+@dataclass
+class DemoConfig:
+    """Options of `brn demo`. The defaults are the measured configuration of docs/results.md."""
+
+    output: str = "brn-demo"
+    device: str = "auto"
+    threads: int | None = None  # None: DEFAULT_THREADS
+    pretrain_steps: int = 300
+    steps: int = 400  # fine-tuning steps per run
+    batch_size: int = 32
+    sampler: str = "grouped:32"  # every batch holds one label: the strongest non-i.i.d. case
+    lr: float = 0.02
+    seed: int = 0
+    force: bool = False
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A seconds-long run of the same flow (for tests and a first look): far too short to compare."""
+        return cls(**{"pretrain_steps": 30, "steps": 16, **overrides})
+
+
+@dataclass
+class RunSummary:
+    """One fine-tuning run's final model, evaluated three ways."""
+
+    method: str  # "batchnorm" or "renorm"
+    schedule: str
+    run_dir: str
+    steps: int
+    seconds: float
+    inference_accuracy: float  # PyTorch, eval mode (moving averages)
+    batch_stats_accuracy: float  # PyTorch, minibatch statistics on grouped test batches
+    train_accuracy: float | None  # last logging window, training mode
+    onnx_file: str
+    onnx_max_abs: float  # verification: max |onnx - torch| over random inputs
+    onnx_passed: bool
+    onnx_accuracy: float  # onnxruntime on the validation digits
+    folded: int
+
+
+@dataclass
+class DemoResult:
+    output: str
+    config: dict[str, Any]
+    pretrain: dict[str, Any]
+    inspect: dict[str, Any]
+    convert: dict[str, Any]
+    runs: dict[str, RunSummary] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "config": self.config,
+            "threads": self.threads,
+            "seconds": self.seconds,
+            "pretrain": self.pretrain,
+            "inspect": self.inspect,
+            "convert": self.convert,
+            "runs": {k: asdict(v) for k, v in self.runs.items()},
+            "files": self.files,
+        }
+
+
+# One torch thread unless asked for more. The demo's model is small (78k parameters, batches of 32), so a
+# second thread gains little on a quiet machine, while on a busy shared one the OpenMP threads wait for each
+# other: the full demo took 128-175 s with 2 threads on a loaded 2-core machine against 28 s with 1, and
+# `--quick` 22-30 s against 15-17 s (load average 2-4.5).
+DEFAULT_THREADS = 1
+
+
+def available_threads() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(requested: int | None) -> int:
+    """torch.set_num_threads(min(available, requested)); returns the number set.
+
+    On a shared machine oversubscribed threads cost far more than they give (measured: 2 threads under
+    load ran 10x slower than 1), so never more threads than cores.
+    """
+    import torch
+
+    n = available_threads() if requested is None else min(int(requested), available_threads())
+    if n < 1:
+        raise BrnError(f"--threads must be >= 1, got {requested}")
+    torch.set_num_threads(n)
+    return n
+
+
+def _prepare_output(config: DemoConfig) -> Path:
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise BrnError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not config.force:
+            raise BrnError(
+                f"output folder {out} is not empty; pass --force to overwrite the demo's files there"
+            )
+        for name in DEMO_FILES:  # only what a previous demo wrote
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    return ensure_output_dir(out)
+
+
+def _validate(config: DemoConfig) -> None:
+    from brn_cli.data.samplers import parse_sampler
+
+    if config.pretrain_steps < 1:
+        raise BrnError(f"--pretrain-steps must be >= 1, got {config.pretrain_steps}")
+    if config.steps < 1:
+        raise BrnError(f"--steps must be >= 1, got {config.steps}")
+    if config.batch_size < 2:
+        raise BrnError(f"--batch-size must be >= 2, got {config.batch_size}")
+    if not config.lr > 0:
+        raise BrnError(f"--lr must be > 0, got {config.lr}")
+    parse_sampler(config.sampler)
+    if config.threads is not None and config.threads < 1:
+        raise BrnError(f"--threads must be >= 1, got {config.threads}")
+
+
+def _labels_per_batch(config: DemoConfig) -> str:
+    if ":" not in config.sampler:
+        return "all labels"
+    n = config.batch_size // int(config.sampler.split(":")[1])
+    return f"{n} label" + ("s" if n != 1 else "")
+
+
+def _onnx_accuracy(path: Path, x, y) -> float:
+    """Top-1 accuracy of an ONNX classifier on (x, y) with onnxruntime's CPU provider."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = 0
+    xs = x.numpy().astype(np.float32)
+    ys = y.numpy()
+    for start in range(0, len(xs), 250):
+        logits = sess.run(None, {name: xs[start : start + 250]})[0]
+        correct += int((logits.argmax(1) == ys[start : start + 250]).sum())
+    return correct / len(xs)
+
+
+def run_demo(
+    config: DemoConfig,
+    *,
+    stage: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> DemoResult:
+    """Run the demo flow (module docstring) into `config.output`; returns every number it printed.
+
+    `stage(title)` is called as each stage starts, `note(text)` with the key numbers of each stage (the
+    CLI prints them; the library prints nothing itself). `progress` shows the fine-tuning progress bars.
+    """
+    stage = stage or (lambda _t: None)
+    note = note or (lambda _t: None)
+    _validate(config)
+    out = _prepare_output(config)
+    t0 = time.perf_counter()
+    threads = set_threads(DEFAULT_THREADS if config.threads is None else config.threads)
+
+    import torch
+
+    from brn_cli.data.datasets import load_data
+    from brn_cli.deploy.export import export_onnx_checked
+    from brn_cli.deploy.inspection import inspect_model
+    from brn_cli.evaluation.evaluate import evaluate_data
+    from brn_cli.nn.convert import convert_batchnorm, max_eval_difference
+    from brn_cli.recipes.pretrain import pretrain_batchnorm
+    from brn_cli.samples import SAMPLE_DATA
+    from brn_cli.storage.atomic import write_atomic
+    from brn_cli.storage.checkpoint import load_checkpoint, save_brn_checkpoint
+    from brn_cli.train.curves import plot_runs
+    from brn_cli.train.finetune import FinetuneConfig, resolve_device, run_finetune
+
+    device = resolve_device(config.device)
+
+    # 1. the user's existing model ----------------------------------------------------------------------
+    stage("1/6  the existing model: small ResNet trained with BatchNorm on i.i.d. batches")
+    model, pre = pretrain_batchnorm(
+        "small_resnet", steps=config.pretrain_steps, seed=config.seed, device=device, progress=progress
+    )
+    bn_path = out / "bn_model.pt"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_atomic(bn_path, lambda tmp: torch.save(state, tmp), force=True)
+    note(
+        f"{config.pretrain_steps} steps of batch 32 in {pre['seconds']:.1f} s: validation accuracy "
+        f"{100 * pre['val_accuracy']:.1f}% (inference mode) -> {bn_path}"
+    )
+
+    # 2. inspect ---------------------------------------------------------------------------------------
+    stage("2/6  inspect")
+    ckpt = load_checkpoint(bn_path, arch=ARCH_SPEC)
+    report = inspect_model(ckpt, [2, 1, 28, 28])
+    foldable = sum(1 for n in report.norms if n.fold_into)
+    healthy = sum(1 for n in report.norms if n.health == "ok")
+    note(
+        f"{report.parameters:,} parameters; {len(report.norms)} BatchNorm2d layers, {foldable} foldable into "
+        f"their convs, {healthy} with healthy running statistics"
+    )
+
+    # 3. convert ---------------------------------------------------------------------------------------
+    stage("3/6  convert BatchNorm -> Batch Renorm")
+    import copy
+
+    original = copy.deepcopy(ckpt.model)
+    converted = convert_batchnorm(ckpt.model, momentum=0.01)
+    diff = max_eval_difference(original, converted, [8, 1, 28, 28])
+    if not diff <= 1e-5:
+        raise BrnError(f"conversion changed eval outputs by {diff:.3g}; the demo cannot continue")
+    brn_path = out / "brn_model.pt"
+    save_brn_checkpoint(
+        converted,
+        brn_path,
+        force=True,
+        input_shape=[2, 1, 28, 28],
+        command="demo",
+        **{**ckpt.lineage(), "preprocessing": {"normalize": NORMALIZE}},
+    )
+    n_renorm = sum(1 for m in converted.modules() if type(m).__name__.startswith("BatchRenorm"))
+    note(f"{n_renorm} layers converted; eval outputs max |before - after| = {diff:.2g} -> {brn_path}")
+
+    # 4. fine-tune twice -------------------------------------------------------------------------------
+    stage(
+        f"4/6  fine-tune {config.steps} steps on non-i.i.d. batches ({config.sampler}: "
+        f"{_labels_per_batch(config)} per batch of {config.batch_size}), batchnorm vs renorm"
+    )
+    runs: dict[str, Any] = {}
+    for method, schedule in METHODS.items():
+        ft = FinetuneConfig(
+            checkpoint=str(brn_path),
+            data=str(SAMPLE_DATA),
+            output=str(out / method),
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            rmax_schedule=schedule,
+            sampler=config.sampler,
+            normalize=NORMALIZE,
+            seed=config.seed,
+            eval_every=max(config.steps // 8, min(25, config.steps)),  # 8 points, not a flood
+            device=str(device),
+            force=True,
+        )
+        runs[method] = run_finetune(ft, progress=progress)
+        f = runs[method].final
+        note(
+            f"{method:9s} (schedule {schedule}): final rmax {f['rmax']:.3g}, dmax {f['dmax']:.3g}; "
+            f"validation {100 * (f['val_accuracy'] or 0):.1f}% in {runs[method].seconds:.1f} s"
+        )
+
+    # 5. evaluate --------------------------------------------------------------------------------------
+    stage("5/6  evaluate the final models: inference mode and batch statistics")
+    data = load_data(SAMPLE_DATA, normalize=NORMALIZE, seed=config.seed)
+    finals: dict[str, Any] = {}
+    evals: dict[str, dict[str, Any]] = {}
+    for method, res in runs.items():
+        loaded = load_checkpoint(Path(res.run_dir) / "last.pt")
+        finals[method] = loaded.model
+        evals[method] = evaluate_data(
+            loaded.model,
+            data,
+            batch_size=config.batch_size,
+            batch_stats=True,
+            sampler=config.sampler,
+            seed=config.seed,
+            device=device,
+        )
+        e = evals[method]
+        note(
+            f"{method:9s}: inference {100 * e['inference']['accuracy']:.1f}%, batch statistics "
+            f"({config.sampler} test batches) {100 * e['batch_stats']['accuracy']:.1f}%"
+        )
+
+    # 6. export ----------------------------------------------------------------------------------------
+    stage("6/6  export to ONNX (folded), verify in onnxruntime")
+    x_val = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    y_val = data.val_labels
+    result = DemoResult(
+        output=str(out),
+        config=asdict(config),
+        pretrain={k: v for k, v in pre.items() if k != "device"},
+        inspect={"parameters": report.parameters, "norms": len(report.norms), "foldable": foldable},
+        convert={"layers": n_renorm, "max_abs_diff": diff},
+        threads=threads,
+    )
+    for method, model_ in finals.items():
+        onnx_path = out / f"{method}.onnx"
+        rep = export_onnx_checked(model_.cpu().eval(), [2, 1, 28, 28], onnx_path, force=True)
+        if not rep.written:
+            raise BrnError(f"ONNX verification failed for {method}: max abs {rep.verify.max_abs:.3g}")
+        onnx_acc = _onnx_accuracy(onnx_path, x_val, y_val)
+        res = runs[method]
+        result.runs[method] = RunSummary(
+            method=method,
+            schedule=METHODS[method],
+            run_dir=res.run_dir,
+            steps=res.steps,
+            seconds=res.seconds,
+            inference_accuracy=evals[method]["inference"]["accuracy"],
+            batch_stats_accuracy=evals[method]["batch_stats"]["accuracy"],
+            train_accuracy=res.final.get("train_accuracy"),
+            onnx_file=str(onnx_path),
+            onnx_max_abs=rep.verify.max_abs,
+            onnx_passed=rep.verify.passed,
+            onnx_accuracy=onnx_acc,
+            folded=len(rep.fold.folded) if rep.fold is not None else 0,
+        )
+        note(
+            f"{method:9s}: {len(rep.fold.folded) if rep.fold else 0} norms folded, "
+            f"{len(rep.verify.checks)} onnxruntime checks passed, max |onnx - torch| "
+            f"{rep.verify.max_abs:.2g}; ONNX accuracy {100 * onnx_acc:.1f}% -> {onnx_path}"
+        )
+
+    # curves and summary -------------------------------------------------------------------------------
+    with contextlib.suppress(ValueError):
+        plot_runs(
+            {m: Path(r.run_dir) / "metrics.jsonl" for m, r in runs.items()},
+            out / "curves.png",
+            title=f"fine-tuning on {config.sampler} batches: batchnorm (schedule off) vs renorm (paper-scaled)",
+        )
+    result.seconds = time.perf_counter() - t0
+    result.files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if "summary.json" not in result.files:
+        result.files = sorted([*result.files, "summary.json"])
+    write_atomic(
+        out / "summary.json",
+        lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8"),
+        force=True,
+    )
+    return result

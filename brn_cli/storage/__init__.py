@@ -1,0 +1,1 @@
+"""Files: atomic writes, checkpoints (read, match, write), plain state dicts. Imports nn/."""
