@@ -15,9 +15,18 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 class BrnError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+    """A problem with the user's input, reported as one line without a traceback.
+
+    ``param`` names the parameter at fault as the Python API spells it (``batch_size``); the message starts
+    with that name where it is the subject. The command line maps it to the flag that sets it
+    (``--batch-size``), so library messages never name flags.
+    """
 
     exit_code: int = 2
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class VerificationError(BrnError):
