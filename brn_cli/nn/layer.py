@@ -34,13 +34,18 @@ Edge cases, decided against nn.BatchNorm:
 
 Speed: with r and d constant, ``y = BN_train(x; weight=gamma*r, bias=gamma*d+beta)`` holds for the output
 and for every gradient, so the training step reuses the framework's batch-norm kernels (statistics,
-elementwise, backward) inside one autograd.Function and costs what BatchNorm costs.
+elementwise, backward) inside one autograd.Function and costs what BatchNorm costs. The per-channel work
+(r, d, clipping, moving averages, affine terms) is a few foreach operations over the C-sized vectors, and on
+CUDA one Triton kernel (:mod:`brn_cli.nn.triton_renorm`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
+    "TELEMETRY_FIELDS",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -61,26 +67,28 @@ __all__ = [
     "BatchRenormNd",
     "RenormTelemetry",
     "batch_renorm",
-    "collect_telemetry",
     "describe_bad_running_stats",
 ]
 
 # Telemetry slots, computed from per-channel vectors only (no extra pass over the activations).
-_TELEMETRY_FIELDS = ("r_clip_frac", "d_clip_frac", "mean_abs_log_r", "mean_abs_d")
+TELEMETRY_FIELDS = ("r_clip_frac", "d_clip_frac", "mean_abs_log_r", "mean_abs_d", "batchnorm_phase")
 
 
 @dataclass(frozen=True)
 class RenormTelemetry:
     """What the last training step of one layer did, from the unclipped per-channel r and d.
 
-    r_clip_frac / d_clip_frac: fraction of channels whose r (resp. d) hit its limit.
+    r_clip_frac / d_clip_frac: fraction of channels whose r (resp. d) hit its limit; 0 while that limit
+    holds r at 1 (rmax = 1) or d at 0 (dmax = 0): the BatchNorm phase, where nothing renorm uses is clipped.
     mean_abs_log_r / mean_abs_d: how far the batch statistics were from the moving averages.
+    batchnorm_phase: the step ran as plain BatchNorm (rmax = 1 and dmax = 0).
     """
 
     r_clip_frac: float
     d_clip_frac: float
     mean_abs_log_r: float
     mean_abs_d: float
+    batchnorm_phase: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,17 +109,31 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Uses the kernel nn.BatchNorm uses for its own statistics (one read of `x`, any memory format).
     """
-    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    stat_dtype = _stat_dtype(x.dtype)
     if x.dtype == stat_dtype:
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     else:
         # Half-precision input: passing fp32 running buffers selects the mixed-precision kernel, which
-        # accumulates and returns fp32 statistics. momentum=0 leaves the scratch buffers as they are.
-        c = x.shape[1]
-        scratch_mean = torch.zeros(c, device=x.device, dtype=stat_dtype)
-        scratch_var = torch.ones(c, device=x.device, dtype=stat_dtype)
+        # accumulates and returns fp32 statistics. The outputs do not depend on what the buffers hold
+        # (momentum 0), so they are scratch, kept between steps.
+        scratch_mean, scratch_var = _scratch_buffers(x, stat_dtype)
         mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
     return _as(mean, stat_dtype), _as(var, stat_dtype)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in: float32 for half-precision inputs, else the input's own."""
+    # The common dtypes by lookup: torch.promote_types is a dispatched operation, one more per step.
+    known = _STAT_DTYPES.get(dtype)
+    return known if known is not None else torch.promote_types(dtype, torch.float32)
+
+
+_STAT_DTYPES = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -154,19 +176,25 @@ def _sync_stats(mean: Tensor, var: Tensor, count: int, process_group) -> tuple[T
 
 
 def _telemetry_values(rd: Tensor) -> Tensor:
-    """(r clip fraction, d clip fraction, mean |log r|, mean |d|) from the per-channel rows
-    (r unclipped, d unclipped, r clipped, d clipped) of one step.
+    """(r clip fraction, d clip fraction, mean |log r|, mean |d|, BatchNorm phase) from the per-channel
+    rows (r unclipped, d unclipped, r clipped, d clipped) of one step.
 
-    A channel's r (d) hit its limit exactly when clipping changed it. Per-channel vectors only: no pass
-    over the activations. NaN rows (no step yet) give NaN.
+    A channel's r (d) hit its limit exactly when clipping changed it, except while the limit pins every
+    channel's r to 1 (rmax = 1) or d to 0 (dmax = 0): renorm is off there, and calling every channel
+    "clipped" would read as a saturated schedule. Per-channel vectors only: no pass over the activations.
+    NaN rows (no step yet) give NaN statistics.
     """
     rd = rd.detach().float()
+    r_off = (rd[2] == 1.0).all()
+    d_off = (rd[3] == 0.0).all()
+    zero = rd.new_zeros(())
     return torch.stack(
         [
-            (rd[2] != rd[0]).float().mean(),
-            (rd[3] != rd[1]).float().mean(),
+            torch.where(r_off, zero, (rd[2] != rd[0]).float().mean()),
+            torch.where(d_off, zero, (rd[3] != rd[1]).float().mean()),
             rd[0].log().abs().mean(),
             rd[1].abs().mean(),
+            (r_off & d_off).float(),
         ]
     )
 
@@ -185,52 +213,125 @@ def _statistics_and_update(
     """Per-channel part of a training step, without gradient: the batch statistics, r and d, and the
     moving-average update of running_mean / running_var (in place).
 
-    Returns (mu_B, var_B, sigma_B, r unclipped, d unclipped, r, d), all in the statistics dtype (fp32 or
-    wider).
+    Returns (mu_B, var_B, 1 / sigma_B, r unclipped, d unclipped, r, d), all in the statistics dtype (fp32
+    or wider).
     """
     with torch.no_grad():
         mean_b, var_b = _batch_stats(x)
         if process_group is not None and not average_stats:
             mean_b, var_b = _sync_stats(mean_b, var_b, x.numel() // x.shape[1], process_group)
-        stat_dtype = mean_b.dtype
-        sigma_b = torch.sqrt(var_b + eps)
-        var_max = torch.finfo(running_var.dtype).max
+        averaging_group = process_group if average_stats else None
+        return _per_channel_step(
+            mean_b, var_b, running_mean, running_var, eps, momentum, rmax, dmax, averaging_group
+        )
 
-        mu = _as(running_mean, stat_dtype)
-        sigma = (_as(running_var, stat_dtype) + eps).sqrt_()
-        r_raw = sigma_b / sigma
-        d_raw = (mean_b - mu).div_(sigma)
-        r = _clip_r(r_raw, rmax)
-        d = _clip_d(d_raw, dmax)
 
-        # Moving averages: mu and sigma (not the variance), then stored as BatchNorm's running_var.
-        if process_group is not None and average_stats:
-            import torch.distributed as dist
+def _per_channel_step(
+    mean_b: Tensor,
+    var_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Limit,
+    dmax: Limit,
+    averaging_group=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From the batch statistics: 1 / sigma_B, r and d (unclipped and clipped), and the moving averages.
 
-            world = dist.get_world_size(process_group)
-            packed = torch.cat([mean_b, sigma_b]).double() / world
-            dist.all_reduce(packed, group=process_group)
-            upd_mean, upd_sigma = (
-                packed[: mean_b.numel()].to(stat_dtype),
-                packed[mean_b.numel() :].to(stat_dtype),
-            )
-        else:
-            upd_mean, upd_sigma = mean_b, sigma_b
-        # (1 - a) * sigma + a * sigma_B, the update of Algorithm 1 in the form that stays defined when sigma
-        # or sigma_B is inf (lerp's sigma + a * (sigma_B - sigma) is inf - inf = NaN there). sigma is not
-        # needed after r and d: updated in place.
-        new_sigma = sigma.mul_(1.0 - momentum).add_(upd_sigma, alpha=momentum)
-        if running_mean.dtype == stat_dtype:
-            running_mean.lerp_(upd_mean, momentum)
-        else:
-            running_mean.copy_(torch.lerp(mu, upd_mean, momentum))
-        # var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by rounding), and saturating at
-        # the largest finite value: a batch whose variance overflows (sigma_B = inf) leaves it finite.
-        if running_var.dtype == stat_dtype:
-            torch.mul(new_sigma, new_sigma, out=running_var).sub_(eps).clamp_(0.0, var_max)
-        else:
-            running_var.copy_(new_sigma.square_().sub_(eps).clamp_(0.0, var_max))
-    return mean_b, var_b, sigma_b, r_raw, d_raw, r, d
+    Every line works on several C-sized vectors at once (torch._foreach_* operations: one dispatch on a
+    CPU, one kernel launch on a GPU), so the whole step is 8 operations whatever C is. `averaging_group`
+    averages the update of the moving averages over its ranks (average_stats).
+    """
+    stat_dtype = mean_b.dtype
+    # The buffers themselves when they have the statistics dtype (updated in place), else fp32 copies
+    # written back at the end (a half-precision module).
+    mu = _as(running_mean, stat_dtype)
+    var = _as(running_var, stat_dtype)
+    neg_eps = _neg_eps_and_zeros(mean_b, eps)[0]
+    var_b_eps, var_eps, diff = torch._foreach_sub([var_b, var, mean_b], [neg_eps, neg_eps, mu])
+    # pow 0.5 and -0.5 are sqrt and rsqrt (torch special-cases these exponents).
+    sigma_b, sigma, invstd_b = torch._foreach_pow([var_b_eps, var_eps, var_b_eps], [0.5, 0.5, -0.5])
+    # r and d twice: unclipped for telemetry, and copies clipped in place below.
+    r_raw, d_raw, r, d = torch._foreach_div([sigma_b, diff, sigma_b, diff], [sigma] * 4)
+    upd_mean, upd_sigma = mean_b, sigma_b
+    if averaging_group is not None:
+        upd_mean, upd_sigma = _average_over_ranks(mean_b, sigma_b, averaging_group)
+    # Moving averages of mu and sigma (not the variance) as (1 - a) * old + a * batch: the form of
+    # Algorithm 1's update that stays defined when sigma or sigma_B is inf (old + a * (batch - old) is
+    # inf - inf = NaN there). sigma is not needed after r and d: updated in place.
+    torch._foreach_mul_([mu, sigma], 1.0 - momentum)
+    torch._foreach_add_([mu, sigma], [upd_mean, upd_sigma], alpha=momentum)
+    # Stored as BatchNorm's running_var = sigma^2 - eps, never below 0 (sigma >= sqrt(eps) except by
+    # rounding) and saturating at the largest finite value: a batch whose variance overflows
+    # (sigma_B = inf) leaves it finite.
+    torch.addcmul(neg_eps, sigma, sigma, out=var)
+    _clip_in_place(r, d, var, rmax, dmax, torch.finfo(running_var.dtype).max)
+    if mu is not running_mean:
+        running_mean.copy_(mu)
+    if var is not running_var:
+        running_var.copy_(var)
+    return mean_b, var_b, invstd_b, r_raw, d_raw, r, d
+
+
+def _clip_in_place(r: Tensor, d: Tensor, var: Tensor, rmax: Limit, dmax: Limit, var_max: float) -> None:
+    """r to [1/rmax, rmax], d to [-dmax, dmax], var to [0, var_max]; two operations for float limits."""
+    if isinstance(rmax, Tensor) or isinstance(dmax, Tensor):  # 0-dim tensors under torch.compile
+        r.clamp_(torch.reciprocal(torch.as_tensor(rmax)), rmax)
+        d.clamp_(-dmax, dmax)
+        var.clamp_(0.0, var_max)
+        return
+    torch._foreach_clamp_min_([r, d, var], [1.0 / rmax, -dmax, 0.0])
+    torch._foreach_clamp_max_([r, d, var], [rmax, dmax, var_max])
+
+
+def _average_over_ranks(mean_b: Tensor, sigma_b: Tensor, process_group) -> tuple[Tensor, Tensor]:
+    """The mean over the group's ranks of each rank's mu_B and sigma_B (one all_reduce, in float64)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    packed = torch.cat([mean_b, sigma_b]).double() / world
+    dist.all_reduce(packed, group=process_group)
+    c = mean_b.numel()
+    return packed[:c].to(mean_b.dtype), packed[c:].to(sigma_b.dtype)
+
+
+def _neg_eps_and_zeros(like: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """C-sized constants -eps and 0 (dtype and device of `like`), read only. They let one foreach
+    operation add eps to two vectors while subtracting the moving mean from a third, and give
+    w' = 0 + gamma * r in the same operation as b' = beta + gamma * d."""
+    if not _cacheable(like):
+        return _new_neg_eps_and_zeros(like.numel(), like.dtype, like.device, eps)
+    return _cached_neg_eps_and_zeros(like.numel(), like.dtype, like.device, eps)
+
+
+def _new_neg_eps_and_zeros(c: int, dtype: torch.dtype, device: torch.device, eps: float):
+    rows = torch.tensor([-eps, 0.0], dtype=dtype, device=device).view(2, 1)
+    return tuple(rows.expand(2, c).contiguous().unbind(0))
+
+
+_cached_neg_eps_and_zeros = functools.lru_cache(maxsize=512)(_new_neg_eps_and_zeros)
+
+
+def _scratch_buffers(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Two tensors of x's channel count for a kernel to write values nobody reads, kept between steps
+    (one pair per (C, dtype, device))."""
+    if not _cacheable(x):
+        return _new_scratch_buffers(x.shape[1], dtype, x.device)
+    return _cached_scratch_buffers(x.shape[1], dtype, x.device)
+
+
+def _new_scratch_buffers(c: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.zeros(c, dtype=dtype, device=device), torch.ones(c, dtype=dtype, device=device)
+
+
+_cached_scratch_buffers = functools.lru_cache(maxsize=512)(_new_scratch_buffers)
+
+
+def _cacheable(like: Tensor) -> bool:
+    """Whether constants built for `like` may be kept for later steps: not for fake, functional or meta
+    tensors (tracing), nor inside inference mode (inference tensors)."""
+    return type(like) is Tensor and not like.is_meta and not torch.is_inference_mode_enabled()
 
 
 # Under torch.compile the step above runs as one opaque op that declares its writes to the running buffers.
@@ -283,7 +384,7 @@ def _renorm_train_step(
         stats = torch.compiler.disable(_statistics_and_update)(
             x.detach(), running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
         )
-    mean_b, var_b, sigma_b, r_raw, d_raw, r, d = stats
+    mean_b, var_b, invstd_b, r_raw, d_raw, r, d = stats
     if sink is not None:
         sink[:] = [r_raw, d_raw, r, d]
     global_stats = process_group is not None and not average_stats
@@ -293,12 +394,52 @@ def _renorm_train_step(
         bias,
         mean_b,
         var_b,
-        sigma_b,
+        invstd_b,
         r,
         d,
         eps,
         process_group if global_stats else None,
         x.numel() // x.shape[1],
+    )
+
+
+# Device types whose training steps run the per-channel part as one Triton kernel (when triton imports).
+# Opt-in (BRN_FUSED_KERNEL=1) until the kernel has run on a real GPU: so far only Triton's CPU interpreter
+# has checked it against the eager path.
+_FUSED_DEVICE_TYPES = frozenset({"cuda"}) if os.environ.get("BRN_FUSED_KERNEL") == "1" else frozenset()
+
+
+@functools.cache
+def _fused_channel_step():
+    """brn_cli.nn.triton_renorm.renorm_channel_step, or None where triton cannot be imported."""
+    try:
+        from brn_cli.nn.triton_renorm import renorm_channel_step
+    except ImportError:
+        return None
+    return renorm_channel_step
+
+
+def _fused_train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    limits: Tensor,
+    telemetry_rows: Tensor,
+) -> Tensor:
+    """:func:`_renorm_train_step` with the per-channel part (r, d, affine terms, moving averages and the
+    telemetry rows, written into `telemetry_rows`) in one kernel launch; no process group."""
+    with torch.no_grad():
+        mean_b, var_b = _batch_stats(x)
+        invstd_b, w_eff, b_eff, r, d = _fused_channel_step()(
+            mean_b, var_b, running_mean, running_var, weight, bias, limits, telemetry_rows, eps, momentum
+        )
+    count = x.numel() // x.shape[1]
+    return _BatchRenormFn.apply(
+        x, weight, bias, mean_b, var_b, invstd_b, r, d, eps, None, count, w_eff, b_eff
     )
 
 
@@ -319,26 +460,26 @@ class _BatchRenormFn(torch.autograd.Function):
         bias: Tensor | None,
         mean_b: Tensor,
         var_b: Tensor,
-        sigma_b: Tensor,
+        invstd_b: Tensor,
         r: Tensor,
         d: Tensor,
         eps: float,
         process_group,
         count: int,
+        w_eff: Tensor | None = None,
+        b_eff: Tensor | None = None,
     ) -> Tensor:
-        stat_dtype = mean_b.dtype
-        if weight is not None:
-            gamma = _as(weight, stat_dtype)
-            w_eff = gamma * r
-            b_eff = torch.addcmul(_as(bias, stat_dtype), gamma, d) if bias is not None else gamma * d
-        else:
-            w_eff = r
-            b_eff = d if bias is None else d + _as(bias, stat_dtype)
+        if w_eff is None or b_eff is None:  # else computed with r and d (the fused kernel)
+            w_eff, b_eff = _affine_terms(weight, bias, r, d)
         # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
-        # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff.
-        y = torch.batch_norm(x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps, torch.backends.cudnn.enabled)
-
-        invstd_b = torch.reciprocal(sigma_b)  # as BatchNorm saves it: 1 / sqrt(var + eps)
+        # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff. On a CPU, native_batch_norm directly (what
+        # torch.batch_norm calls there, less one allocation); elsewhere torch.batch_norm picks cuDNN.
+        if x.device.type == "cpu":
+            y = torch.native_batch_norm(x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps)[0]
+        else:
+            y = torch.batch_norm(
+                x, w_eff, b_eff, mean_b, var_b, False, 0.0, eps, torch.backends.cudnn.enabled
+            )
         ctx.save_for_backward(x, w_eff, mean_b, invstd_b, r, d)
         ctx.eps = eps
         ctx.has_weight = weight is not None
@@ -368,7 +509,22 @@ class _BatchRenormFn(torch.autograd.Function):
             grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
         if ctx.has_bias and need_b:
             grad_bias = _as(grad_b_eff, ctx.weight_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
+
+
+def _affine_terms(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm's weight' = gamma * r and bias' = gamma * d + beta, in the statistics dtype."""
+    if weight is None:
+        return r, (d if bias is None else d + _as(bias, d.dtype))
+    gamma = _as(weight, r.dtype)
+    if bias is None:
+        return gamma * r, gamma * d
+    beta = _as(bias, r.dtype)
+    if torch.compiler.is_compiling():  # inductor fuses these itself
+        return gamma * r, torch.addcmul(beta, gamma, d)
+    zeros = _neg_eps_and_zeros(r, 0.0)[1]
+    w_eff, b_eff = torch._foreach_addcmul([zeros, beta], [gamma, gamma], [r, d])
+    return w_eff, b_eff
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -492,8 +648,8 @@ def batch_renorm(
     """Functional Batch Renormalization (see the module docstring for the math).
 
     In training mode `running_mean` and `running_var` are updated in place (var = sigma^2 - eps layout).
-    `telemetry`, if given, is a float tensor of 4 slots filled with (r clip fraction, d clip fraction,
-    mean |log r|, mean |d|). `process_group` makes the batch statistics global over the group
+    `telemetry`, if given, is a float tensor of 4 or 5 slots filled with (r clip fraction, d clip fraction,
+    mean |log r|, mean |d|[, 1.0 in the BatchNorm phase rmax = 1, dmax = 0]). `process_group` makes the batch statistics global over the group
     (`average_stats=False`) or keeps them per rank and averages only the moving-average update
     (`average_stats=True`). `eps` must be finite and > 0.
     """
@@ -518,7 +674,7 @@ def batch_renorm(
     )
     if telemetry is not None:
         if sink:
-            telemetry.copy_(_telemetry_values(torch.stack(sink)))
+            telemetry.copy_(_telemetry_values(torch.stack(sink))[: telemetry.numel()])
         else:  # an empty batch has no r or d
             telemetry.fill_(math.nan)
     return y
@@ -616,6 +772,14 @@ class BatchRenormNd(nn.Module):
         rmax, dmax: clipping limits for r in [1/rmax, rmax] and d in [-dmax, dmax]. Plain attributes, read
             at every training step, so a schedule can change them between steps. ``float('inf')`` means no
             clipping; rmax=1, dmax=0 is exactly BatchNorm.
+
+    **A fresh layer is plain BatchNorm (rmax 1, dmax 0) until something opens its limits**, on purpose:
+    its moving averages start at mean 0, variance 1, and opening the limits while they are far from the
+    batch statistics makes r and d large corrections that blow the loss up (the paper's warning). Open
+    them with a :class:`~brn_cli.train.schedule.RenormScheduler` (``RenormScheduler.warmup(model,
+    optimizer, warmup_steps=W)`` is CrossQ's BatchNorm-then-rmax 3 / dmax 5), ``set_renorm_limits``, or the
+    `rmax` / `dmax` arguments. The first training forward of a layer whose limits nothing set warns once
+    (per process); pass ``rmax=1.0, dmax=0.0`` to train as BatchNorm on purpose.
         affine: learnable gamma (weight) and beta (bias).
 
     Attributes beyond nn.BatchNorm's: ``microbatch`` (normalize groups of that many examples separately in
@@ -632,8 +796,8 @@ class BatchRenormNd(nn.Module):
         num_features: int,
         eps: float = 1e-5,
         momentum: float = 0.01,
-        rmax: float = 1.0,
-        dmax: float = 0.0,
+        rmax: float | None = None,
+        dmax: float | None = None,
         affine: bool = True,
         device=None,
         dtype=None,
@@ -650,8 +814,10 @@ class BatchRenormNd(nn.Module):
             "_limits", torch.tensor([1.0, 0.0], device=device, dtype=torch.float32), persistent=False
         )
         self._rmax = self._dmax = math.nan
-        self.rmax = rmax
-        self.dmax = dmax
+        self.rmax = 1.0 if rmax is None else rmax
+        self.dmax = 0.0 if dmax is None else dmax
+        # Limits nobody chose warn at the first training forward (the setters mark them chosen).
+        self._limits_chosen = rmax is not None or dmax is not None
         self.affine = affine
         self.track_running_stats = True  # renorm needs them; kept for code that checks nn.BatchNorm's API
         self.microbatch: int | None = None
@@ -700,6 +866,7 @@ class BatchRenormNd(nn.Module):
     def __setstate__(self, state: dict) -> None:
         if "eps" in state:  # pickled before eps became a checked property
             state["_eps"] = state.pop("eps")
+        state.setdefault("_limits_chosen", True)  # pickled before the fresh-layer warning
         super().__setstate__(state)
 
     @property
@@ -722,6 +889,7 @@ class BatchRenormNd(nn.Module):
     def rmax(self, value: float) -> None:
         value = float(value)
         _check_limits(value, 0.0)
+        self._limits_chosen = True
         if value != self._rmax:
             self._rmax = value
             with torch.no_grad():
@@ -736,6 +904,7 @@ class BatchRenormNd(nn.Module):
     def dmax(self, value: float) -> None:
         value = float(value)
         _check_limits(1.0, value)
+        self._limits_chosen = True
         if value != self._dmax:
             self._dmax = value
             with torch.no_grad():
@@ -758,11 +927,25 @@ class BatchRenormNd(nn.Module):
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         self.num_batches_tracked.add_(1)
+        if self._fused_step_applies(x):
+            return _fused_train_step(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.eps,
+                self.momentum,
+                self._limits,
+                self._telemetry_rd,
+            )
         # Read now: a schedule may change them between steps. Compiled code reads the tensor mirror instead
         # of the floats, which dynamo would bake into the graph as constants (one recompile per value).
         if torch.compiler.is_compiling():
             rmax, dmax = self._limits[0], self._limits[1]
         else:
+            if not self._limits_chosen:
+                _warn_limits_never_set(self)
             rmax, dmax = self._rmax, self._dmax
         sink: list = []
         y = _batch_renorm_train(
@@ -789,6 +972,22 @@ class BatchRenormNd(nn.Module):
             buf.copy_(torch.stack(sink))
         return y
 
+    def _fused_step_applies(self, x: Tensor) -> bool:
+        """Whether this training step runs the per-channel part as one Triton kernel: on a device type in
+        _FUSED_DEVICE_TYPES where triton imports, float32 statistics (float64 layers keep the eager path's
+        float64 limits), eagerly (torch.compile keeps the custom op), and none of the paths the kernel does
+        not cover: microbatches, a process group, a batch too small to normalize."""
+        return (
+            x.device.type in _FUSED_DEVICE_TYPES
+            and _stat_dtype(x.dtype) == torch.float32
+            and self.running_var.dtype != torch.float64
+            and (self.microbatch is None or self.microbatch >= x.shape[0])
+            and self.process_group is None
+            and x.numel() > x.shape[1]  # more than one value per channel
+            and not torch.compiler.is_compiling()
+            and _fused_channel_step() is not None
+        )
+
     @property
     def telemetry(self) -> Tensor:
         """The last training step's (r clip fraction, d clip fraction, mean |log r|, mean |d|); NaN before
@@ -801,7 +1000,7 @@ class BatchRenormNd(nn.Module):
         values = self.telemetry.tolist()
         if any(math.isnan(v) for v in values):
             return None
-        return RenormTelemetry(*values)
+        return RenormTelemetry(*values[:4], batchnorm_phase=values[4] == 1.0)
 
     def extra_repr(self) -> str:
         return (
@@ -829,6 +1028,25 @@ class BatchRenormNd(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+_limits_warning_given = False
+
+
+def _warn_limits_never_set(layer: BatchRenormNd) -> None:
+    """Say once per process that a layer trains as BatchNorm because nothing set its limits."""
+    global _limits_warning_given
+    layer._limits_chosen = True  # checked once per layer
+    if _limits_warning_given:
+        return
+    _limits_warning_given = True
+    warnings.warn(
+        f"{type(layer).__name__} trains as plain BatchNorm (rmax 1, dmax 0): nothing set its limits. Open "
+        "them with brn_cli.RenormScheduler (e.g. RenormScheduler.warmup(model, optimizer, warmup_steps=W)) or "
+        "brn_cli.set_renorm_limits; pass rmax=1.0, dmax=0.0 to the layer to train as BatchNorm on purpose",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class BatchRenormAct(BatchRenormNd):
@@ -889,19 +1107,3 @@ def describe_bad_running_stats(running_mean: Tensor | None, running_var: Tensor 
 
 def _channels(n: int) -> str:
     return f"{n} channel" if n == 1 else f"{n} channels"
-
-
-def collect_telemetry(model: nn.Module) -> dict[str, float]:
-    """Average the last-step telemetry over every renorm layer of `model` (one host sync).
-
-    Returns {} when no renorm layer has run a training step yet.
-    """
-    rows = [m.telemetry for m in model.modules() if isinstance(m, BatchRenormNd)]
-    if not rows:
-        return {}
-    devices = {t.device for t in rows}
-    stacked = torch.stack(rows if len(devices) == 1 else [t.cpu() for t in rows]).cpu()  # the one sync
-    valid = stacked[~torch.isnan(stacked).any(dim=1)]
-    if valid.numel() == 0:
-        return {}
-    return dict(zip(_TELEMETRY_FIELDS, valid.mean(0).tolist(), strict=True))

@@ -108,42 +108,12 @@ def bench_layer(
     renorm/batchnorm (median of per-round ratios, see :func:`paired_ratio`), the targets, pass/fail, and
     the settings measured (thread count included).
     """
-    from brn_cli.nn.layer import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-
     dev = torch.device(device)
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 3, 4, 5):
         raise ValueError(f"shape must have 2 to 5 dimensions, got {list(shape)}")
-    c = shape[1]
-    bn_cls, brn_cls = {
-        2: (nn.BatchNorm1d, BatchRenorm1d),
-        3: (nn.BatchNorm1d, BatchRenorm1d),
-        4: (nn.BatchNorm2d, BatchRenorm2d),
-        5: (nn.BatchNorm3d, BatchRenorm3d),
-    }[len(shape)]
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, generator=gen) * 2.0 + 0.5).to(device=dev, dtype=dtype)
-    if channels_last and len(shape) in (4, 5):
-        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
-    grad = (
-        torch.randn(*shape, generator=gen)
-        .to(device=dev, dtype=dtype)
-        .contiguous(
-            memory_format=torch.channels_last
-            if channels_last and len(shape) == 4
-            else (torch.channels_last_3d if channels_last and len(shape) == 5 else torch.contiguous_format)
-        )
-    )
-    # A small momentum (cost-neutral) keeps the moving averages far from the batch for hundreds of steps.
-    bn = bn_cls(c, momentum=1e-4).to(device=dev, dtype=dtype)
-    brn = brn_cls(c, momentum=1e-4, rmax=rmax, dmax=dmax).to(device=dev, dtype=dtype)
-    with torch.no_grad():
-        # Half the channels get moving averages far from the batch statistics (mean 0.5, std 2), so their
-        # r and d stay clipped through every repetition; the other half match the batch and do not clip.
-        far = torch.arange(c) % 2 == 0
-        for layer in (bn, brn):
-            layer.running_mean.copy_(torch.where(far, torch.tensor(50.0), torch.tensor(0.5)))
-            layer.running_var.copy_(torch.where(far, torch.tensor(1e-4), torch.tensor(4.0)))
+    x, grad = _layer_input_and_grad(shape, dtype=dtype, channels_last=channels_last, device=dev, seed=seed)
+    bn, brn = _clipping_layer_pair(shape, rmax=rmax, dmax=dmax, dtype=dtype, device=dev)
     steps = {"batchnorm": layer_steps(bn, x, grad), "renorm": layer_steps(brn, x, grad)}
     train_t = interleaved_times(
         {name: train for name, (train, _) in steps.items()}, reps=reps, warmup=warmup, device=dev
@@ -183,6 +153,51 @@ def bench_layer(
     }
 
 
+def _layer_input_and_grad(
+    shape: tuple[int, ...], *, dtype: torch.dtype, channels_last: bool, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded input (mean 0.5, std 2) and output gradient of `shape`, in the memory format asked for
+    (channels_last only applies to 4-D and 5-D shapes)."""
+    if channels_last and len(shape) == 4:
+        fmt = torch.channels_last
+    elif channels_last and len(shape) == 5:
+        fmt = torch.channels_last_3d
+    else:
+        fmt = torch.contiguous_format
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=gen) * 2.0 + 0.5).to(device=device, dtype=dtype)
+    if fmt is not torch.contiguous_format:
+        x = x.contiguous(memory_format=fmt)
+    grad = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    return x, grad
+
+
+def _clipping_layer_pair(
+    shape: tuple[int, ...], *, rmax: float, dmax: float, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """nn.BatchNorm and BatchRenorm for `shape`'s channels, with the same moving averages: half the
+    channels far from the input's batch statistics (so renorm's r and d stay clipped through every
+    repetition), the other half matching them (no clipping)."""
+    from brn_cli.nn.layer import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+    c = shape[1]
+    bn_cls, brn_cls = {
+        2: (nn.BatchNorm1d, BatchRenorm1d),
+        3: (nn.BatchNorm1d, BatchRenorm1d),
+        4: (nn.BatchNorm2d, BatchRenorm2d),
+        5: (nn.BatchNorm3d, BatchRenorm3d),
+    }[len(shape)]
+    # A small momentum (cost-neutral) keeps the moving averages far from the batch for hundreds of steps.
+    bn = bn_cls(c, momentum=1e-4).to(device=device, dtype=dtype)
+    brn = brn_cls(c, momentum=1e-4, rmax=rmax, dmax=dmax).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        far = torch.arange(c) % 2 == 0
+        for layer in (bn, brn):
+            layer.running_mean.copy_(torch.where(far, torch.tensor(50.0), torch.tensor(0.5)))
+            layer.running_var.copy_(torch.where(far, torch.tensor(1e-4), torch.tensor(4.0)))
+    return bn, brn
+
+
 # ----------------------------------------------------------------------------------------------
 # Issue 5 (helper F): sweeps, whole-model training steps, ONNX folding, a peer implementation.
 # ----------------------------------------------------------------------------------------------
@@ -190,12 +205,21 @@ def bench_layer(
 __all__ += ["bench_layer_sweep", "bench_model_step", "bench_onnx_fold", "bench_peer", "machine_info"]
 
 # (N, C, H, W) activation shapes of a ResNet-50 at batch 32 / 224 px scaled down: early (many pixels,
-# few channels), middle, late (few pixels, many channels); plus a BatchNorm1d feature batch.
+# few channels), middle, late (few pixels, many channels); BatchNorm1d feature batches of widths 64-1024
+# at batch 256 (MLPs, RL critics); small 2-D maps (detection heads, small batches), where the per-channel
+# bookkeeping, not the activations, sets the cost.
 SWEEP_SHAPES: tuple[tuple[int, ...], ...] = (
     (32, 64, 56, 56),
     (32, 256, 28, 28),
     (32, 1024, 7, 7),
+    (256, 64),
+    (256, 128),
+    (256, 256),
     (256, 512),
+    (256, 1024),
+    (8, 16, 14, 14),
+    (8, 32, 7, 7),
+    (4, 64, 14, 14),
 )
 
 
@@ -263,26 +287,12 @@ def bench_layer_sweep(
     return results
 
 
-def _activate_renorm(model: nn.Module, rmax: float = 3.0, dmax: float = 5.0) -> int:
-    """Set rmax/dmax on every renorm layer (so r and d are computed and clipped every step); count them."""
-    from brn_cli.nn.layer import BatchRenormNd
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, BatchRenormNd):
-            m.rmax, m.dmax = float(rmax), float(dmax)
-            n += 1
-    return n
-
-
 def _import_torchvision(part: str):
     """torchvision builds the ResNets these parts time; it is optional (not a dependency of brn)."""
     try:
         import torchvision
     except ImportError:
-        raise BrnError(
-            f"brn bench --what {part} needs torchvision installed (pip install torchvision)"
-        ) from None
+        raise BrnError(f"`what={part}` needs torchvision installed (pip install torchvision)") from None
     return torchvision
 
 
@@ -308,6 +318,7 @@ def bench_model_step(
     import copy
 
     from brn_cli.nn.convert import convert_batchnorm
+    from brn_cli.nn.norms import set_renorm_limits
 
     torchvision = _import_torchvision("models")
 
@@ -315,7 +326,8 @@ def bench_model_step(
     torch.manual_seed(seed)
     bn_model = getattr(torchvision.models, arch)(num_classes=100).to(dev)
     brn_model = convert_batchnorm(copy.deepcopy(bn_model), momentum=0.01)
-    layers = _activate_renorm(brn_model)
+    # Limits off their no-op values (1, 0), so that r and d are computed and clipped at every step.
+    layers = set_renorm_limits(brn_model, rmax=3.0, dmax=5.0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     bn_model.to(memory_format=fmt)
     brn_model.to(memory_format=fmt)
@@ -453,9 +465,59 @@ def bench_peer(
     }
 
 
+__all__ += ["bench_ops"]
+
+# Shapes whose op counts `brn bench --what ops` reports (the count does not depend on the sizes).
+OPS_SHAPES: tuple[tuple[int, ...], ...] = ((256, 512), (8, 16, 14, 14))
+
+
+def bench_ops(
+    shapes: Sequence[Sequence[int]] = OPS_SHAPES, *, device: str | torch.device = "cpu"
+) -> list[dict[str, Any]]:
+    """Aten operations dispatched by one training step (forward, backward) of nn.BatchNorm and of the
+    renorm layer (rmax 3, dmax 5, r and d clipped in half the channels), per shape, for fp32 activations
+    and for bf16 activations into fp32 layers (autocast). Deterministic: no clock involved."""
+    from brn_cli.nn.opcount import count_layer_step
+
+    dev = torch.device(device)
+    rows = []
+    for shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, _ = _layer_input_and_grad(shape, dtype=dtype, channels_last=False, device=dev, seed=0)
+            layers = _clipping_layer_pair(shape, rmax=3.0, dmax=5.0, dtype=torch.float32, device=dev)
+            bn, brn = (count_layer_step(layer, x) for layer in layers)
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "device": str(dev),
+                    "batchnorm": [bn.forward, bn.backward],
+                    "renorm": [brn.forward, brn.backward],
+                    "renorm_forward_ops": brn.forward_ops,
+                }
+            )
+    return rows
+
+
+def _ops_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "| op count (one training step) | activations | BN forward / backward | BRN forward / backward |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {'x'.join(map(str, r['shape']))} ({r['device']}) | {r['dtype']} | "
+            f"{r['batchnorm'][0]} / {r['batchnorm'][1]} | {r['renorm'][0]} / {r['renorm'][1]} |"
+        )
+    return [*lines, ""]
+
+
 __all__ += ["BENCH_PARTS", "benchmarks_markdown", "run_benchmarks"]
 
-BENCH_PARTS = ("layer", "models", "onnx", "peer")
+BENCH_PARTS = ("layer", "models", "onnx", "peer", "ops")
 
 
 def run_benchmarks(
@@ -474,7 +536,7 @@ def run_benchmarks(
 
     unknown = [p for p in parts if p not in BENCH_PARTS]
     if unknown:
-        raise BrnError(f"--what {unknown[0]!r}: choose from {', '.join(BENCH_PARTS)}")
+        raise BrnError(f"`what` {unknown[0]!r}: choose from {', '.join(BENCH_PARTS)}")
     dev = torch.device(device)
     say = progress or (lambda _t: None)
     results: dict[str, Any] = {"machine": machine_info(), "device": str(dev)}
@@ -514,6 +576,9 @@ def run_benchmarks(
     if "peer" in parts:
         say("torchrl BatchRenorm1d")
         results["peer"] = bench_peer(reps=5 if quick else 30, warmup=1 if quick else 5)
+    if "ops" in parts:
+        say("op counts")
+        results["ops"] = bench_ops(device=dev)
     return results
 
 
@@ -582,4 +647,5 @@ def benchmarks_markdown(results: dict[str, Any]) -> str:
                     f"{peer['ratio_torchrl_over_brn'][phase]:.2f} | {peer['ratio_brn_over_batchnorm'][phase]:.2f} |"
                 )
         lines.append("")
+    lines += _ops_markdown(results.get("ops"))
     return "\n".join(lines)
