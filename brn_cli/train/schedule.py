@@ -15,7 +15,7 @@ Values at knots are returned exactly (no interpolation arithmetic), and each seg
 endpoints so rounding can never overshoot a knot. A segment with an infinite endpoint (``inf`` = no
 clipping) is infinite strictly between its knots.
 
-Spec syntax (``--rmax-schedule`` / ``--dmax-schedule``):
+Spec syntax (``rmax_schedule`` / ``dmax_schedule``):
   * ``5k:1,40k:3`` -- knots ``STEP:VALUE``; steps are integers with optional ``k`` (1e3) / ``M`` (1e6)
     suffix, strictly increasing; values are numbers or ``inf``;
   * ``3`` -- a constant;
@@ -24,14 +24,18 @@ Spec syntax (``--rmax-schedule`` / ``--dmax-schedule``):
     (rmax 1, dmax 0: plain batchnorm training, the baseline).
 
 :class:`RenormScheduler` advances with ``optimizer.step()`` (a step post-hook) and never with forward
-calls, so gradient accumulation, microbatches and evaluation passes do not move it; its
-:meth:`~RenormScheduler.state_dict` goes into the run's checkpoint and restores it on resume.
+calls, so gradient accumulation, microbatches and evaluation passes do not move it. Its position is kept in
+the optimizer's first param group (``brn_renorm_step``), so a user's checkpoint of ``model.state_dict()`` and
+``optimizer.state_dict()`` carries it without adding a key to the model's state_dict; brn's own runs also
+save :meth:`~RenormScheduler.state_dict` (step and schedules). :meth:`RenormScheduler.warmup` is the hard
+switch of CrossQ critics: BatchNorm for W steps, then rmax 3, dmax 5.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +45,9 @@ from brn_cli.nn.norms import set_renorm_limits
 
 __all__ = [
     "PAPER_KNOTS",
+    "POSITION_KEY",
     "PRESETS",
+    "RenormOpeningWarning",
     "RenormScheduler",
     "Schedule",
     "format_schedule",
@@ -252,6 +258,30 @@ def preset_schedules(
     )
 
 
+class RenormOpeningWarning(UserWarning):
+    """The clipping limits opened while a layer's moving averages were far from its batch statistics."""
+
+
+# Where the schedule position travels: a key of the optimizer's first param group, which
+# ``optimizer.state_dict()`` / ``load_state_dict()`` carry (as torch's LR schedulers' ``initial_lr``). The
+# model's state_dict gets no new key, so a renorm state_dict still loads strictly into nn.BatchNorm.
+POSITION_KEY = "brn_renorm_step"
+# The first step run with open limits is checked against these (per layer, from its telemetry): beyond
+# them the renorm correction r, d is large and the paper's warning applies (loss spikes, divergence).
+OPENING_LOG_R_LIMIT = 0.5  # batch sigma about 1.65x off the moving sigma, on average over channels
+OPENING_D_LIMIT = 1.0  # batch mean one moving sigma off the moving mean, on average over channels
+
+
+def _switch(kind: str, warmup_steps: int, value: float) -> Schedule:
+    """``off`` for steps 0..warmup_steps-1, then `value` (a hard switch)."""
+    if warmup_steps == 0:
+        return Schedule([(0, value)], kind, _format_number(float(value)))
+    spec = (
+        f"{warmup_steps - 1}:{_format_number(_OFF_VALUE[kind])},{warmup_steps}:{_format_number(float(value))}"
+    )
+    return Schedule([(warmup_steps - 1, _OFF_VALUE[kind]), (warmup_steps, value)], kind, spec)
+
+
 class RenormScheduler:
     """Drives rmax/dmax of every renorm layer of a model from the optimizer step.
 
@@ -260,18 +290,57 @@ class RenormScheduler:
     the schedule: forward calls, eval passes, gradient accumulation and microbatches leave it unchanged,
     and a step skipped by an AMP GradScaler (inf/NaN gradients) does not count. Under DDP every rank steps
     its optimizer in lockstep, so every rank follows the same global step.
+
+    The position also lives in the attached optimizer (``param_groups[0]["brn_renorm_step"]``), so a
+    checkpoint of ``model.state_dict()`` and ``optimizer.state_dict()`` carries it: loading that optimizer
+    state into the attached optimizer moves the scheduler to the saved step. An optimizer state without a
+    position (saved with no scheduler attached) gets a :class:`UserWarning` at the next step, unless
+    :meth:`load_state_dict` or ``start_step`` set the position meanwhile.
+
+    The first step run with open limits (rmax > 1 or dmax > 0) is checked once: if some layer's batch
+    statistics were far from its moving averages (mean |log r| > 0.5 or mean |d| > 1), a
+    :class:`RenormOpeningWarning` names it (run BatchNorm steps first, or calibrate).
+
+    Example::
+
+        >>> import torch
+        >>> from brn_cli import BatchRenorm1d, RenormScheduler
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchRenorm1d(8))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> sched = RenormScheduler.from_preset(model, "paper-scaled", total_steps=1000, optimizer=opt)
+        >>> sched.step, sched.values()
+        (0, (1.0, 0.0))
+        >>> sched.values(1000)
+        (3.0, 5.0)
     """
 
     def __init__(
-        self, model: Any, rmax: Schedule, dmax: Schedule, optimizer: Any = None, start_step: int = 0
+        self,
+        model: Any,
+        rmax: Schedule,
+        dmax: Schedule,
+        optimizer: Any = None,
+        start_step: int | None = None,
     ) -> None:
+        from brn_cli.nn.norms import renorm_layers
+
         if rmax.kind != "rmax" or dmax.kind != "dmax":
             raise BrnError("RenormScheduler needs an rmax schedule and a dmax schedule")
+        if not renorm_layers(model):
+            raise BrnError(
+                f"the model ({type(model).__name__}) has no Batch Renorm layers for the scheduler to drive; "
+                "convert it first: brn_cli.convert_batchnorm(model)",
+                param="model",
+            )
         self.model = model
         self.rmax = rmax
         self.dmax = dmax
-        self.step = int(start_step)
-        self._handle = None
+        self.step = 0 if start_step is None else int(start_step)
+        self._start_given = start_step is not None
+        self._optimizer: Any = None
+        self._handles: list[Any] = []
+        self._position_lost = False  # an optimizer state without a position was loaded
+        self._opening_checked = False
         self.apply()
         if optimizer is not None:
             self.attach(optimizer)
@@ -285,22 +354,54 @@ class RenormScheduler:
         """Write the current step's limits into every renorm layer; returns them."""
         r, d = self.values()
         set_renorm_limits(self.model, r, d)
+        self._write_position()
         return r, d
 
     def advance(self, n: int = 1) -> None:
         """Count `n` completed optimizer steps and update the layers."""
+        if self._position_lost:
+            self._position_lost = False
+            warnings.warn(
+                "the optimizer state loaded into this RenormScheduler's optimizer carried no schedule "
+                f"position (saved without a scheduler attached?): the schedule goes on from step {self.step}, "
+                "not from the saved run's step; pass start_step= when rebuilding the scheduler",
+                UserWarning,
+                stacklevel=2,
+            )
+        if not self._opening_checked and self.values() != (1.0, 0.0):
+            self._opening_checked = True
+            self._check_opening()
         self.step += int(n)
         self.apply()
 
     def attach(self, optimizer: Any) -> None:
-        """Advance after every ``optimizer.step()``."""
+        """Advance after every ``optimizer.step()``; keep the position in the optimizer's state.
+
+        A position already in `optimizer` (its state was loaded from a checkpoint) is taken unless
+        ``start_step`` was given.
+        """
         self.detach()
-        self._handle = optimizer.register_step_post_hook(lambda *_args, **_kw: self.advance())
+        self._optimizer = optimizer
+        carried = _carried_step(optimizer)
+        if carried is not None and not self._start_given:
+            self.step = carried
+        # An optimizer that has stepped (it holds per-parameter state) but carries no position was loaded
+        # from a checkpoint saved without a scheduler: the step it stopped at is unknown.
+        self._position_lost = (
+            carried is None and not self._start_given and bool(getattr(optimizer, "state", None))
+        )
+        self.apply()
+        self._handles = [optimizer.register_step_post_hook(lambda *_args, **_kw: self.advance())]
+        # Optimizer wrappers may lack the load hook; the position is then read back only at attach.
+        register_load_hook = getattr(optimizer, "register_load_state_dict_post_hook", None)
+        if register_load_hook is not None:
+            self._handles.append(register_load_hook(lambda *_args, **_kw: self._optimizer_loaded()))
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._optimizer = None
 
     def state_dict(self) -> dict[str, Any]:
         """Primitive-typed state for the run's checkpoint: step and both schedules."""
@@ -314,7 +415,38 @@ class RenormScheduler:
             self.step = int(state["step"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BrnError(f"saved schedule state is malformed ({exc})") from None
+        self._position_lost = False
         self.apply()
+
+    def _write_position(self) -> None:
+        if self._optimizer is not None and self._optimizer.param_groups:
+            self._optimizer.param_groups[0][POSITION_KEY] = self.step
+
+    def _optimizer_loaded(self) -> None:
+        """The attached optimizer's state was replaced: follow the position it carries."""
+        carried = _carried_step(self._optimizer)
+        if carried is None:
+            self._position_lost = True  # said at the next step, unless load_state_dict sets it first
+        else:
+            self.step = carried
+            self._position_lost = False
+        self.apply()
+
+    def _check_opening(self) -> None:
+        """Warn once if the first step with open limits found a layer's statistics far from its averages."""
+        worst = _far_layer(self.model)
+        if worst is None:
+            return
+        name, log_r, d = worst
+        r, dm = self.values()
+        warnings.warn(
+            f"renorm limits opened (rmax {r:g}, dmax {dm:g}) while layer {name or '(model)'}'s moving "
+            f"averages are far from its batch statistics (mean |log r| {log_r:.2f}, mean |d| {d:.2f}): "
+            "expect loss spikes; train some steps as BatchNorm first (RenormScheduler.warmup) or "
+            "calibrate the statistics (brn_cli.calibrate)",
+            RenormOpeningWarning,
+            stacklevel=3,
+        )
 
     @classmethod
     def from_specs(
@@ -324,10 +456,19 @@ class RenormScheduler:
         dmax_spec: str,
         *,
         total_steps: int | None = None,
-        start_step: int = 0,
+        start_step: int | None = None,
         optimizer: Any = None,
     ) -> RenormScheduler:
-        """Build from the --rmax-schedule / --dmax-schedule texts."""
+        """Build from the ``rmax_schedule`` / ``dmax_schedule`` texts (``"5k:1,40k:3"``, ``"3"``, a preset).
+
+        Example::
+
+            >>> import torch
+            >>> from brn_cli import BatchRenorm1d, RenormScheduler
+            >>> model = torch.nn.Sequential(BatchRenorm1d(4))
+            >>> RenormScheduler.from_specs(model, "10:1,20:3", "10:0,30:5").values(20)
+            (3.0, 2.5)
+        """
         return cls(
             model,
             parse_schedule(rmax_spec, kind="rmax", total_steps=total_steps),
@@ -335,6 +476,103 @@ class RenormScheduler:
             optimizer=optimizer,
             start_step=start_step,
         )
+
+    @classmethod
+    def from_preset(
+        cls,
+        model: Any,
+        preset: str = "paper-scaled",
+        *,
+        total_steps: int | None = None,
+        optimizer: Any = None,
+        start_step: int | None = None,
+    ) -> RenormScheduler:
+        """Both limits from a preset: ``paper`` (the paper's steps), ``paper-scaled`` (the paper's schedule
+        stretched to `total_steps`), ``off`` (BatchNorm throughout).
+
+        Example::
+
+            >>> import torch
+            >>> from brn_cli import BatchRenorm1d, RenormScheduler
+            >>> model = torch.nn.Sequential(BatchRenorm1d(4))
+            >>> RenormScheduler.from_preset(model, "paper").values(40_000)
+            (3.0, 5.0)
+        """
+        rmax, dmax = preset_schedules(preset, total_steps=total_steps)
+        return cls(model, rmax, dmax, optimizer=optimizer, start_step=start_step)
+
+    @classmethod
+    def warmup(
+        cls,
+        model: Any,
+        optimizer: Any = None,
+        *,
+        warmup_steps: int,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        start_step: int | None = None,
+    ) -> RenormScheduler:
+        """BatchNorm (rmax 1, dmax 0) for the first `warmup_steps` optimizer steps, then `rmax`, `dmax` at
+        once: the hard switch CrossQ's critics use (torchrl, sb3-contrib), rmax 3 / dmax 5 by default.
+        The warm-up lets the moving averages settle before they enter the normalization.
+
+        Example::
+
+            >>> import torch
+            >>> from brn_cli import BatchRenorm1d, RenormScheduler
+            >>> critic = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchRenorm1d(8), torch.nn.ReLU())
+            >>> opt = torch.optim.Adam(critic.parameters())
+            >>> sched = RenormScheduler.warmup(critic, opt, warmup_steps=100)
+            >>> sched.values(99), sched.values(100)
+            ((1.0, 0.0), (3.0, 5.0))
+        """
+        steps = int(warmup_steps)
+        if steps < 0 or steps != warmup_steps:
+            raise BrnError(
+                f"`warmup_steps` must be a whole number >= 0, got {warmup_steps}", param="warmup_steps"
+            )
+        return cls(
+            model,
+            _switch("rmax", steps, rmax),
+            _switch("dmax", steps, dmax),
+            optimizer=optimizer,
+            start_step=start_step,
+        )
+
+
+def _carried_step(optimizer: Any) -> int | None:
+    """The schedule position an optimizer's state carries, or None."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    value = groups[0].get(POSITION_KEY) if groups else None
+    if value is None:
+        return None
+    try:
+        step = int(value)
+    except (TypeError, ValueError):
+        raise BrnError(f"the optimizer state's {POSITION_KEY} is {value!r}, not a step count") from None
+    if step < 0:
+        raise BrnError(f"the optimizer state's {POSITION_KEY} is {step}, a negative step")
+    return step
+
+
+def _far_layer(model: Any) -> tuple[str, float, float] | None:
+    """(name, mean |log r|, mean |d|) of the renorm layer whose last training step was farthest past the
+    opening limits, or None when none is past them (or none has run). One host sync."""
+    import torch
+
+    from brn_cli.nn.norms import renorm_layers
+
+    layers = renorm_layers(model)
+    tensors = [m.telemetry for _, m in layers]
+    if len({t.device for t in tensors}) > 1:
+        tensors = [t.cpu() for t in tensors]
+    rows = torch.stack(tensors).cpu()  # per layer: r clip, d clip, mean |log r|, mean |d|
+    excess = torch.maximum(rows[:, 2] / OPENING_LOG_R_LIMIT, rows[:, 3] / OPENING_D_LIMIT)
+    excess = torch.nan_to_num(excess, nan=0.0)
+    index = int(excess.argmax())
+    if float(excess[index]) <= 1.0:
+        return None
+    return layers[index][0], float(rows[index, 2]), float(rows[index, 3])
 
 
 def schedule_table(schedules: Sequence[Schedule], total_steps: int) -> list[dict[str, Any]]:
