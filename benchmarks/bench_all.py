@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from brn_cli.nn.device import set_threads
     from brn_cli.recipes.bench import benchmarks_markdown, run_benchmarks
-    from brn_cli.recipes.demo import set_threads
 
     set_threads(args.threads)
     results = run_benchmarks(

@@ -19,7 +19,7 @@ from pathlib import Path
 # Run from a checkout without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brn_cli.errors import BrnError  # noqa: E402
+from brn_cli.errors import BrnError, render_params  # noqa: E402
 from brn_cli.samples.models import SAMPLE_ARCHS  # noqa: E402
 from brn_cli.storage.atomic import check_writable, write_atomic  # noqa: E402
 
@@ -37,12 +37,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _as_flag(name: str, value: str | None) -> str:
+    """A parameter named in a library message, as this script's flag (argparse: --name-with-dashes)."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value in (None, "True") else f"{flag} {value}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_writable(args.output, force=args.force)  # fail before training, not after
         import torch
 
+        from brn_cli.cli.progress import progress_if
         from brn_cli.recipes.pretrain import pretrain_batchnorm
 
         if args.threads is not None:
@@ -53,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
-            progress=sys.stderr.isatty(),
+            progress=progress_if(sys.stderr.isatty()),
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         write_atomic(args.output, lambda tmp: torch.save(state, tmp), force=args.force)
     except BrnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {render_params(str(exc), _as_flag)}", file=sys.stderr)
         return exc.exit_code
     print(
         f"{args.arch}: {metrics['steps']} steps of batch {metrics['batch_size']} in {metrics['seconds']:.1f} s "

@@ -69,7 +69,7 @@ def test_only_the_first_n_batches_count_and_bad_input():
     assert torch.allclose(model[1].running_mean.double(), mean, atol=1e-6)
     with pytest.raises(BrnError, match="no BatchNorm"):
         calibrate(nn.Linear(2, 2), loader, num_batches=1)
-    with pytest.raises(BrnError, match="--batches"):
+    with pytest.raises(BrnError, match="`num_batches`"):
         calibrate(model, loader, num_batches=0)
     shuffled = iter(range(10**6))
 

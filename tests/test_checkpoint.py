@@ -15,18 +15,10 @@ ARCH = "torchvision:shufflenet_v2_x0_5"
 KWARGS = {"num_classes": 10}
 
 
-@pytest.fixture(scope="module")
-def source_model() -> nn.Module:
-    from brn_cli.storage.checkpoint import build_arch
-
-    model = build_arch(ARCH, KWARGS)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model.eval()
+@pytest.fixture
+def source_model(shufflenet_bn) -> nn.Module:
+    """The shared BatchNorm model (conftest), built from ARCH and KWARGS."""
+    return shufflenet_bn
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> None:
@@ -80,7 +72,7 @@ def test_mismatches_are_listed_by_name(tmp_path, source_model):
     assert "missing: conv1.1.running_mean" in msg
     assert "unexpected: extra.weight" in msg
     assert "fc.weight (file [10, 1024] vs model [7, 1024])" in msg
-    with pytest.raises(BrnError, match="pass --arch"):
+    with pytest.raises(BrnError, match="pass `arch`"):
         load_checkpoint(path)
 
 
@@ -123,7 +115,7 @@ def test_pickled_module_needs_trust(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     path = tmp_path / "whole.pt"
     torch.save(model, path)
-    with pytest.raises(BrnError, match="--trust-pickle") as info:
+    with pytest.raises(BrnError, match="`trust_pickle=True`") as info:
         load_checkpoint(path)
     assert "torch.nn.modules" in str(info.value)  # names what it would import
     ckpt = load_checkpoint(path, trust_pickle=True)

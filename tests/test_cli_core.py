@@ -6,9 +6,11 @@ for a fresh torch import); the malicious-pickle check also runs `python -m brn_c
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """A plain state_dict file of a small torchvision model with non-trivial BatchNorm statistics."""
-    from brn_cli.storage.checkpoint import build_arch
-
-    model = build_arch("torchvision:shufflenet_v2_x0_5", {"num_classes": 10})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+def weights(shufflenet_bn, tmp_path_factory) -> Path:
+    """A training-script style file of the shared BatchNorm model (conftest): a DataParallel-prefixed
+    state_dict under "state_dict", next to other entries."""
+    state = {"module." + k: v for k, v in shufflenet_bn.state_dict().items()}
     path = tmp_path_factory.mktemp("weights") / "shufflenet.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 1}, path)
+    torch.save({"state_dict": state, "epoch": 1}, path)
     return path
 
 
@@ -201,10 +196,16 @@ def test_debug_shows_the_exception(run_cli, tmp_path):
         main(["convert", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt"), "--debug"])
 
 
-def test_malicious_pickle_does_not_run(run_cli, tmp_path):
+def _evil_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkpoint whose unpickling would create the file `marker`: (checkpoint, marker)."""
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": Payload(marker)}, evil)
+    return evil, marker
+
+
+def test_malicious_pickle_does_not_run(run_cli, tmp_path):
+    evil, marker = _evil_checkpoint(tmp_path)
     out = tmp_path / "out.pt"
 
     res = run_cli("convert", evil, "-o", out, *ARCH)
@@ -212,7 +213,16 @@ def test_malicious_pickle_does_not_run(run_cli, tmp_path):
     assert "io.open" in res.err  # names what it would have imported
     assert not marker.exists() and not out.exists()
 
-    # The real console path, in a fresh interpreter.
+    # Control: with --trust-pickle the payload does run (so the checks above could have failed).
+    res = run_cli("convert", evil, "-o", out, *ARCH, "--trust-pickle")
+    assert marker.exists()
+    assert res.code != 0 and not out.exists()
+
+
+@pytest.mark.slow
+def test_malicious_pickle_does_not_run_through_python_m_brn_cli(tmp_path):
+    """The real console path, in a fresh interpreter (the in-process twin above is the fast one)."""
+    evil, marker = _evil_checkpoint(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "brn_cli", "inspect", str(evil)],
@@ -225,11 +235,6 @@ def test_malicious_pickle_does_not_run(run_cli, tmp_path):
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "--trust-pickle" in proc.stderr
     assert not marker.exists()
-
-    # Control: with --trust-pickle the payload does run (so the checks above could have failed).
-    res = run_cli("convert", evil, "-o", out, *ARCH, "--trust-pickle")
-    assert marker.exists()
-    assert res.code != 0 and not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +425,7 @@ def test_ctrl_c_mid_command_exits_130_with_one_line(tmp_path, command):
     assert not (tmp_path / "cal.pt").exists()
 
 
+@pytest.mark.slow
 def test_debug_gives_the_traceback_through_the_console_entry_point(tmp_path):
     proc = _brn("convert", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.pt"), "--debug", cwd=tmp_path)
     assert proc.returncode != 0
@@ -461,3 +467,83 @@ def test_sample_data_writes_the_bundled_digits(run_cli, tmp_path):
     assert out.read_bytes() == b"mine"
     assert run_cli("sample-data", "-o", out, "--force").code == 0
     assert out.read_bytes() == SAMPLE_DATA.read_bytes()
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_flags(run_cli, tmp_path):
+    """One error, two spellings: a library caller reads the parameter it passed (`batch_size`), a command
+    line user the flag (--batch-size); the exception records which parameter is at fault."""
+    from brn_cli.data.datasets import load_data
+    from brn_cli.errors import BrnError
+    from brn_cli.evaluation.evaluate import evaluate_data
+    from brn_cli.samples import SAMPLE_DATA
+    from brn_cli.samples.models import mlp
+
+    model = mlp()
+    with pytest.raises(BrnError) as info:
+        evaluate_data(model, load_data(str(SAMPLE_DATA)), batch_size=0)
+    assert str(info.value) == "`batch_size` must be >= 1, got 0" and info.value.param == "batch_size"
+
+    weights = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), weights)
+    arch = ["--arch", "brn_cli.samples.models:mlp"]
+    res = run_cli("evaluate", weights, *arch, "--data", SAMPLE_DATA, "--batch-size", "0")
+    assert res.code == 2 and res.err_lines == ["brn: error: --batch-size must be >= 1, got 0"], res.err
+    # A library parameter named differently from its flag (calibrate's num_batches is --batches).
+    res = run_cli(
+        "calibrate", weights, *arch, "--data", SAMPLE_DATA, "--batches", "0", "-o", tmp_path / "c.pt"
+    )
+    assert res.code == 2 and res.err_lines == ["brn: error: --batches must be >= 1, got 0"], res.err
+
+
+def test_with_flags_spells_the_parameters_a_message_names_as_flags():
+    from brn_cli.cli.app import with_flags
+    from brn_cli.errors import BrnError
+
+    # the invoked command's own option, whatever its function argument is called (fmt -> --format)
+    assert (
+        with_flags("`fmt` 'zip': choose one of pt", ["export", "state-dict"])
+        == "--format 'zip': choose one of pt"
+    )
+    # a value to pass follows its flag; a switch becomes its on or off flag
+    assert with_flags("pass `channels=3`", ["finetune"]) == "pass --channels 3"
+    assert (
+        with_flags("pass `force=True`; drop `fold=False`", ["export", "onnx"])
+        == "pass --force; drop --no-fold"
+    )
+    assert with_flags("continue with `resume=runs/a b`", ["finetune"]) == "continue with --resume runs/a b"
+    # the subject of a message that starts with the bare parameter name (param= set)
+    assert with_flags("device 'gpu' is not a device", ["evaluate"], subject="device") == (
+        "--device 'gpu' is not a device"
+    )
+    # anything else stays as written: plain words, paths, a name no flag sets, another subject
+    plain = "runs/data/x.npz records data 'pkg:make'; pass `data` to name the data yourself"
+    assert with_flags(plain, ["finetune"], subject="data") == (
+        "runs/data/x.npz records data 'pkg:make'; pass --data to name the data yourself"
+    )
+    assert with_flags("`forward` failed", ["finetune"]) == "`forward` failed"
+    assert with_flags("devices differ", ["evaluate"], subject="device") == "devices differ"
+    assert with_flags("data/x.npz: no such file", ["evaluate"], subject="data") == "data/x.npz: no such file"
+
+    error = BrnError("`resize_size` 10 is smaller than `image_size` 28")
+    assert error.param == "resize_size" and error.params == ("resize_size", "image_size")
+    assert BrnError("device 'x': no", param="device").params == ("device",)
+
+
+# torchrun's own options, which the launcher passes to torchrun (brn has no such flags).
+TORCHRUN_OPTIONS = {"--standalone", "--nproc-per-node"}
+FLAG_PATTERN = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
+
+
+def test_no_library_module_names_a_command_line_flag():
+    """Only the command line (cli/) and the recipes it runs know flag names; the library names parameters
+    (see brn_cli.errors). Scans every string constant, f-string parts and docstrings included."""
+    package = REPO / "brn_cli"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] in ("cli", "recipes"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                flags = sorted(set(FLAG_PATTERN.findall(node.value)) - TORCHRUN_OPTIONS)
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno}: {flag}" for flag in flags]
+    assert not offenders, "library strings that name command-line flags:\n" + "\n".join(offenders)

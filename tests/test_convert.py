@@ -34,7 +34,7 @@ def _count(model: nn.Module, cls) -> int:
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models_keep_eval_outputs(name):
-    import torchvision
+    torchvision = pytest.importorskip("torchvision", reason="torchvision (a test extra) is not installed")
 
     model = randomize_norms(torchvision.models.get_model(name, weights=None, num_classes=10)).eval()
     n_bn = _count(model, _BatchNorm)
@@ -49,8 +49,9 @@ def test_torchvision_models_keep_eval_outputs(name):
     assert {(m.rmax, m.dmax, m.momentum) for m in layers} == {(1.0, 0.0, 0.01)}
 
 
+@pytest.mark.slow
 def test_timm_norm_act_model_keeps_its_activation():
-    import timm
+    timm = pytest.importorskip("timm", reason="timm (a test extra) is not installed")
     from timm.layers.norm_act import BatchNormAct2d
 
     model = randomize_norms(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)).eval()
@@ -103,8 +104,8 @@ def test_include_exclude_globs():
     plan = plan_conversion(model, include=["1", "4"], exclude=["4"])
     by_name = {d.name: d for d in plan}
     assert by_name["1"].action == "convert" and by_name["1"].target_type == "BatchRenorm2d"
-    assert by_name["4"].action == "skip" and by_name["4"].reason == "matched by --exclude"
-    assert by_name["9"].action == "skip" and by_name["9"].reason == "not matched by --include"
+    assert by_name["4"].action == "skip" and by_name["4"].reason == "matched by `exclude`"
+    assert by_name["9"].action == "skip" and by_name["9"].reason == "not matched by `include`"
     convert_batchnorm(model, include=["1", "4"], exclude=["4"])
     assert isinstance(model[1], BatchRenorm2d)
     assert type(model[4]) is nn.BatchNorm2d and type(model[9]) is nn.BatchNorm1d
@@ -175,8 +176,8 @@ def test_model_without_batchnorm_plans_nothing_and_a_bare_bn_converts():
 def test_input_shape_comes_from_the_architectures_metadata():
     """Image size from timm's pretrained_cfg or torchvision's weight presets (shipped with the code, nothing
     fetched); channels from the first conv; the old default where no metadata exists."""
-    import timm
-    import torchvision
+    timm = pytest.importorskip("timm", reason="timm (a test extra) is not installed")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision (a test extra) is not installed")
 
     from brn_cli.nn.convert import infer_input_shape
 

@@ -98,7 +98,7 @@ def test_bad_specs(tmp_path):
         load_data(SAMPLE_DATA, normalize="0.1,0")
     with pytest.raises(BrnError, match="3 channel values but x_train has 1"):
         load_data(SAMPLE_DATA, normalize="0.1,0.2,0.3,1,1,1")
-    with pytest.raises(BrnError, match="val-split"):
+    with pytest.raises(BrnError, match="`val_split`"):
         load_data(SAMPLE_DATA, val_split=1.5)
 
 
@@ -272,9 +272,9 @@ def test_image_size_resizes_the_shorter_side_and_center_crops(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"image_size": 0}, "--image-size must be >= 1"),
-        ({"image_size": 16, "resize_size": 8}, "smaller than --image-size"),
-        ({"resize_size": 20}, "--resize-size needs --image-size"),
+        ({"image_size": 0}, "`image_size` must be >= 1"),
+        ({"image_size": 16, "resize_size": 8}, "smaller than `image_size`"),
+        ({"resize_size": 20}, "`resize_size` needs `image_size`"),
     ],
 )
 def test_image_size_bad_values(tmp_path, kwargs, message):
@@ -300,6 +300,7 @@ def tiny_rgb(num_classes: int = 2) -> nn.Module:
     )
 
 
+@pytest.mark.slow
 def test_finetune_records_the_image_size_and_evaluate_repeats_it(tmp_path, run_cli):
     _write_band_images(tmp_path / "data", [(48, 24), (24, 48), (30, 30), (36, 30)])
     torch.manual_seed(0)
@@ -378,11 +379,11 @@ def test_augment_touches_training_examples_only(tmp_path):
     split_plain = load_data(_flat_free_npz(tmp_path), val_split=0.25)
     split_aug = load_data(_flat_free_npz(tmp_path), val_split=0.25, augment="flip")
     assert all(torch.equal(split_aug.val[i][0], split_plain.val[i][0]) for i in range(len(split_plain.val)))
-    with pytest.raises(BrnError, match="--augment 'rotate'"):
+    with pytest.raises(BrnError, match="`augment` 'rotate'"):
         load_data(str(SAMPLE_DATA), augment="rotate")
     flat = tmp_path / "flat.npz"
     np.savez(flat, x_train=np.random.rand(20, 6).astype(np.float32), y_train=np.arange(20) % 2)
-    with pytest.raises(BrnError, match=r"--augment needs image examples \[C, H, W\]"):
+    with pytest.raises(BrnError, match=r"`augment` needs image examples \[C, H, W\]"):
         load_data(str(flat), augment="flip")
 
 
@@ -537,11 +538,11 @@ def test_image_folder_channels_option(tmp_path):
     assert gray.sample_shape == (1, 28, 28) and torch.equal(gray.train[0][0][0], pixels)
     rgb = load_data(str(tmp_path), channels=3)
     assert rgb.sample_shape == (3, 28, 28) and all(torch.equal(rgb.train[0][0][c], pixels) for c in range(3))
-    with pytest.raises(BrnError, match="--channels must be 1 or 3, got 2"):
+    with pytest.raises(BrnError, match="`channels` must be 1 or 3, got 2"):
         load_data(str(tmp_path), channels=2)
-    with pytest.raises(BrnError, match="--channels applies to image folders"):
+    with pytest.raises(BrnError, match="`channels` applies to image folders"):
         load_data(str(SAMPLE_DATA), channels=1)
-    with pytest.raises(BrnError, match="--normalize gives 3 channel values but the images have 1"):
+    with pytest.raises(BrnError, match="`normalize` gives 3 channel values but the images have 1"):
         load_data(str(tmp_path), channels=1, normalize="0.1,0.2,0.3,1,1,1")
 
 
@@ -569,7 +570,7 @@ def test_fit_data_to_model_takes_the_channels_from_the_models_first_convolution(
     with pytest.raises(BrnError) as info:
         fit_data_to_model(tiny_gray(), given)
     assert str(info.value) == (
-        f"{tmp_path}: the examples have 3 channels but the model's first layer (0) takes 1 (pass --channels 1)"
+        f"{tmp_path}: the examples have 3 channels but the model's first layer (0) takes 1 (pass `channels=1`)"
     )
     # A model without convolutions keeps RGB.
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 2))

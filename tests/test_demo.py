@@ -15,6 +15,7 @@ import pytest
 from brn_cli.errors import BrnError
 
 
+@pytest.mark.slow
 def test_demo_cli_shortened_end_to_end(run_cli, tmp_path):
     import torch
 
@@ -73,9 +74,9 @@ def test_demo_cli_shortened_end_to_end(run_cli, tmp_path):
 def test_demo_refuses_bad_options(tmp_path, run_cli):
     from brn_cli.recipes.demo import DemoConfig, run_demo
 
-    with pytest.raises(BrnError, match="--steps"):
+    with pytest.raises(BrnError, match="`steps`"):
         run_demo(DemoConfig(output=str(tmp_path / "a"), steps=0))
-    with pytest.raises(BrnError, match="--sampler"):
+    with pytest.raises(BrnError, match="`sampler`"):
         run_demo(DemoConfig(output=str(tmp_path / "b"), sampler="clustered"))
     (tmp_path / "file").write_text("x")
     res = run_cli("demo", "-o", tmp_path / "file")
@@ -86,7 +87,7 @@ def test_demo_refuses_bad_options(tmp_path, run_cli):
 def test_set_threads_never_exceeds_available():
     import torch
 
-    from brn_cli.recipes.demo import available_threads, set_threads
+    from brn_cli.nn.device import available_threads, set_threads
 
     before = torch.get_num_threads()
     try:
@@ -98,6 +99,7 @@ def test_set_threads_never_exceeds_available():
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_bench_cli_quick_layer_sweep_and_peer(run_cli, tmp_path):
     """`brn bench` measures both contenders side by side and reports ratios (not timed: no speed asserted)."""
     import torch

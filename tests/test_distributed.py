@@ -193,6 +193,8 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_process_group_setup(ranks):
     r0, r1, _ = ranks
     assert r0["ctx"] == (0, 2, "gloo", "cpu")
@@ -202,6 +204,8 @@ def test_process_group_setup(ranks):
     assert r1["bcast"] == {"from": 0}
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_global_matches_single_process_with_full_batch(ranks):
     r0, r1, _ = ranks
     ref = _make_model()
@@ -219,6 +223,8 @@ def test_global_matches_single_process_with_full_batch(ranks):
     assert r0["global_deepcopy"] is True
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_local_keeps_buffers_identical_and_matches_microbatch_reference(ranks):
     r0, r1, _ = ranks
     # Bitwise identical buffers (and parameters) on both ranks.
@@ -236,12 +242,16 @@ def test_local_keeps_buffers_identical_and_matches_microbatch_reference(ranks):
     assert _max_diff(r0["local_state"], r0["global_state"]) > 1e-4
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_microbatch_under_ddp_keeps_buffers_identical(ranks):
     r0, _, _ = ranks
     assert "1.running_mean" in r0["microbatch_diffs"]
     assert max(r0["microbatch_diffs"].values()) == 0.0
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_buffer_check_catches_divergence(ranks):
     r0, r1, _ = ranks
     for r in (r0, r1):
@@ -249,6 +259,8 @@ def test_buffer_check_catches_divergence(ranks):
         assert "1.running_mean" in r["perturbed_error"] and "differ across ranks" in r["perturbed_error"]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_plain_batchnorm_buffers_averaged(ranks):
     r0, r1, _ = ranks
     assert r0["plain_local"] == ["1"]
@@ -257,6 +269,8 @@ def test_plain_batchnorm_buffers_averaged(ranks):
     assert torch.equal(r1["plain_mean"], r0["plain_mean"])
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_failures_end_with_one_clear_message(ranks):
     r0, r1, dead = ranks
     for r in (r0, r1):
@@ -278,9 +292,9 @@ def test_single_process_context_is_a_no_op(monkeypatch):
     assert D.configure_stats_sync(model, "global", ctx).renorm_layers == 2
     assert all(m.process_group is None for m in model.modules() if isinstance(m, BatchRenormNd))
     assert ctx.sum([1.5]) == [1.5]
-    with pytest.raises(BrnError, match="--stats-sync"):
+    with pytest.raises(BrnError, match="`stats_sync`"):
         D.parse_stats_sync("sometimes")
-    with pytest.raises(BrnError, match="--nproc"):
+    with pytest.raises(BrnError, match="`nproc`"):
         D_launch.torchrun_command(0, ["brn_cli"])
     # Under torchrun an explicit GPU index would put every rank on the same GPU.
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -390,6 +404,8 @@ def torchrun_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, torchrun_env):
     from brn_cli.train.finetune import run_finetune
     from brn_cli.train.launch import torchrun_command
@@ -439,6 +455,8 @@ def test_finetune_two_ranks_matches_one_and_resumes_on_one(ft_files, tmp_path, t
     assert saved["world_size"] == 1 and saved["config"]["batch_size"] == 32
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
     ft_files, tmp_path, run_cli, torchrun_env
 ):
@@ -474,6 +492,8 @@ def test_finetune_one_rank_resumes_on_two_then_a_dead_rank_ends_the_run(
     assert diff < 1e-5, diff
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_finetune_on_two_nodes_with_local_stats(ft_files, tmp_path, torchrun_env):
     """Two torchrun agents joined through the c10d rendezvous, as on two machines (here both on localhost,
     one process each: LOCAL_RANK is 0 on both, so only RANK may decide who writes). `--stats-sync local`:

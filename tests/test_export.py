@@ -11,7 +11,6 @@ import json
 import onnx
 import pytest
 import torch
-import torchvision
 from test_fold import randomize_norms
 from torch import nn
 
@@ -21,7 +20,7 @@ from brn_cli.deploy.verify import verify_onnx
 from brn_cli.storage.checkpoint import save_brn_checkpoint
 from brn_cli.storage.statedict import export_state_dict
 
-torch.set_num_threads(2)
+torchvision = pytest.importorskip("torchvision", reason="torchvision (a test extra) is not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +60,7 @@ def assert_all_folded(report) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_classifiers_fold_completely(name, tmp_path):
     model = renorm(torchvision.models.get_model(name, weights=None, num_classes=10))
@@ -72,6 +72,7 @@ def test_torchvision_classifiers_fold_completely(name, tmp_path):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch axis is symbolic
 
 
+@pytest.mark.slow
 def test_densenet121_keeps_preactivation_norms(tmp_path):
     model = renorm(torchvision.models.densenet121(weights=None, num_classes=10))
     report = export_and_check(model, [2, 3, 32, 32], tmp_path)  # 32 px still reaches every block
@@ -82,6 +83,7 @@ def test_densenet121_keeps_preactivation_norms(tmp_path):
     assert report.op_counts.get("Mul", 0) >= len(kept)
 
 
+@pytest.mark.slow
 def test_r3d_18_video_model(tmp_path):
     model = renorm(torchvision.models.video.r3d_18(weights=None, num_classes=5))
     report = export_and_check(model, [2, 3, 4, 32, 32], tmp_path)
@@ -89,8 +91,9 @@ def test_r3d_18_video_model(tmp_path):
     assert report.op_counts["Conv"] >= 18
 
 
+@pytest.mark.slow
 def test_timm_norm_with_activation(tmp_path):
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="timm (a test extra) is not installed")
     model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
     assert any(type(m).__name__ == "BatchNormAct2d" for m in model.modules())
     model = renorm(model)
@@ -180,6 +183,7 @@ def test_no_fold_keeps_batchnorm_nodes(tmp_path):
     assert report.batchnorm_nodes == 3
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_fp16_and_benchmark(tmp_path):
     model = renorm(Decoder())
     report = export_and_check(model, [2, 8, 5, 5], tmp_path, exporter="dynamo")

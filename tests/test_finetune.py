@@ -193,6 +193,7 @@ def _start_and_wait(args: list[str], out: Path, min_step: int) -> subprocess.Pop
     raise AssertionError(f"no last.pt at step >= {min_step} appeared: {proc.communicate()[1]}")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(uninterrupted_run, bn_checkpoint_dropout, tmp_path):
     out = tmp_path / "killed"
     proc = _start_and_wait(_resume_args(bn_checkpoint_dropout, out), out, min_step=20)
@@ -219,6 +220,7 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted_run, bn_checkpoint_drop
     assert (out / "curves.png").stat().st_size > 0 and (out / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143(uninterrupted_run, bn_checkpoint_dropout, tmp_path):
     out = tmp_path / "term"
     proc = _start_and_wait(_resume_args(bn_checkpoint_dropout, out), out, min_step=10)
@@ -239,6 +241,7 @@ def test_sigterm_saves_and_exits_143(uninterrupted_run, bn_checkpoint_dropout, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_run_folder_contents_and_checkpoints(uninterrupted_run):
     from brn_cli.storage.checkpoint import load_checkpoint
 
@@ -314,15 +317,8 @@ def test_microbatch_groups_are_normalized_separately(bn_checkpoint, tmp_path, mo
     assert not torch.allclose(sigma_after, whole_sigma, rtol=1e-2)  # per-group, not whole-batch, statistics
 
 
-@pytest.fixture
-def one_thread():
-    """Pin torch to one thread: CPU results then do not depend on the machine's core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
+@pytest.mark.slow
+@pytest.mark.science
 def test_grouped_batches_renorm_beats_batchnorm_in_inference(bn_checkpoint, tmp_path, one_thread):
     """The paper's section 4.3 on MNIST: batches of 2 labels x 16 examples (grouped:16).
 
@@ -376,7 +372,8 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True)
 
 
-def test_cli_errors_are_one_line(bn_checkpoint, tmp_path):
+def _cli_error_cases(bn_checkpoint: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
+    """Bad `brn finetune` arguments and the words their one-line error must contain."""
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "something").write_text("x")
@@ -397,7 +394,21 @@ def test_cli_errors_are_one_line(bn_checkpoint, tmp_path):
         (["--resume", str(busy), "--lr", "0.5"], "no last.pt there"),
         (["--resume", str(tmp_path / "nothing")], "no such run directory"),
     ]
-    for args, needle in cases:
+    return cases
+
+
+def test_cli_errors_are_one_line(bn_checkpoint, tmp_path, run_cli):
+    for args, needle in _cli_error_cases(bn_checkpoint, tmp_path):
+        res = run_cli("finetune", *args)
+        assert res.code == 2, (args, res.err)
+        assert len(res.err_lines) == 1 and needle in res.err_lines[0], (args, res.err)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_through_python_m_brn_cli(bn_checkpoint, tmp_path):
+    """The same cases through the real entry point, one process each (the in-process twin is the fast one)."""
+    for args, needle in _cli_error_cases(bn_checkpoint, tmp_path):
         proc = _run_cli(args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
@@ -419,6 +430,7 @@ def test_unwritable_run_dir(bn_checkpoint, tmp_path):
         run_finetune(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_force_restarts_and_off_schedule_keeps_batchnorm(bn_checkpoint, tmp_path):
     out = tmp_path / "run"
     cfg = FinetuneConfig(
@@ -443,6 +455,7 @@ def test_force_restarts_and_off_schedule_keeps_batchnorm(bn_checkpoint, tmp_path
     assert np.isfinite(result.final["train_loss"])
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_options_unless_given_again(bn_checkpoint, tmp_path, run_cli):
     """An option left out on --resume keeps the run's value; one given on the command line replaces it."""
     out = tmp_path / "run"
@@ -482,6 +495,7 @@ def test_bad_input_leaves_no_run_folder(bn_checkpoint, tmp_path, run_cli, args, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_compile_matches_eager_while_the_limits_ramp(bn_checkpoint, tmp_path, one_thread):
     """--compile gives the eager run's weights while rmax/dmax change at every step (no baked-in limits, no
     stale r/d in the backward)."""
@@ -509,6 +523,7 @@ def test_compile_matches_eager_while_the_limits_ramp(bn_checkpoint, tmp_path, on
         torch.testing.assert_close(states[True][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
+@pytest.mark.slow
 def test_evaluate_and_calibrate_use_the_normalization_the_run_recorded(bn_checkpoint, tmp_path, run_cli):
     """A run fine-tuned on normalized inputs records it; evaluate and calibrate apply it unless told otherwise."""
     out = tmp_path / "run"
@@ -615,6 +630,7 @@ def test_fp16_skipped_updates_do_not_advance_the_schedules(bn_checkpoint, tmp_pa
     assert result.final["rmax"] == 3.0  # rmax(5): held flat after the last knot
 
 
+@pytest.mark.slow
 def test_augmented_run_resumes_exactly_with_other_workers(bn_checkpoint, tmp_path, one_thread):
     """--augment crop-flip: stopped at step 5 (SIGTERM) and resumed with 2 DataLoader workers, the run ends
     with the weights of an uninterrupted run without workers (each example's crop is seeded by

@@ -194,7 +194,7 @@ def test_renorm_parity_after_convert_float64():
 
 
 def test_norm_with_activation_keeps_act_and_drop():
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="timm (a test extra) is not installed")
     from timm.layers.norm_act import BatchNormAct2d
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), nn.Conv2d(4, 2, 1))

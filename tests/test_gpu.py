@@ -20,7 +20,10 @@ from brn_cli.nn.convert import convert_batchnorm
 from brn_cli.nn.layer import BatchRenorm2d
 from brn_cli.samples import SAMPLE_DATA
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -77,6 +80,7 @@ def test_cuda_autocast_keeps_statistics_fp32(dtype):
     assert torch.isfinite(brn.weight.grad).all()
 
 
+@pytest.mark.slow
 def test_cuda_finetune_fp16_channels_last(tmp_path, run_cli):
     from test_finetune import ARCH, _pretrain
 

@@ -40,6 +40,10 @@ OPTIONAL_UNGUARDED = {
         "restore_batchnorm meets a BatchRenormAct only in a model converted from timm's BatchNormAct2d, "
         "so timm was importable to build it"
     ),
+    ("brn_cli/nn/triton_renorm.py", "", "triton"): (
+        "the module is imported only by nn.layer._fused_channel_step, inside a try/except ImportError that "
+        "falls back to the eager path; triton comes with torch's CUDA builds"
+    ),
 }
 
 # Declared dependencies brn never imports itself, and why they are declared.

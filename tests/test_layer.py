@@ -20,8 +20,8 @@ from brn_cli.nn.layer import (
     BatchRenorm3d,
     BatchRenormNd,
     batch_renorm,
-    collect_telemetry,
 )
+from brn_cli.nn.norms import collect_telemetry
 
 INF = float("inf")
 LAYERS = {2: BatchRenorm1d, 3: BatchRenorm1d, 4: BatchRenorm2d, 5: BatchRenorm3d}
@@ -457,6 +457,7 @@ def test_limits_are_validated_when_set():
     assert "_limits" not in layer.state_dict()
 
 
+@pytest.mark.slow
 def test_compiled_training_follows_a_changing_schedule_without_recompiling():
     """torch.compile must read rmax/dmax at every step (not bake them in) and not recompile per value."""
     import torch._dynamo

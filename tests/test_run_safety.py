@@ -288,6 +288,7 @@ def test_a_run_folder_in_use_refuses_a_second_process(bn_model, data, tmp_path, 
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_accepts_repeated_options_and_moved_data(bn_model, data, tmp_path, run_cli):
     out = tmp_path / "run"
     first = ["--data", data, "-o", out, "--arch", ARCH, "--steps", "2", "--batch-size", "8", "--lr", "0.02"]
@@ -337,7 +338,11 @@ def test_failure_before_the_first_checkpoint_leaves_the_folder_reusable(bn_model
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="the model failed"):
         run_finetune(_config(bn_model, data, out, arch=f"{HERE}:Faulty"), progress=False)
-    assert _snapshot(out) == {}
+    assert not out.exists()  # the folder the failed run created is gone again
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="the model failed"):
+        run_finetune(_config(bn_model, data, out, arch=f"{HERE}:Faulty"), progress=False)
+    assert _snapshot(out) == {}  # a folder that was there stays, as it was
     result = run_finetune(_config(bn_model, data, out), progress=False)  # no --force needed
     assert result.steps == 2 and {"last.pt", "config.json", "metrics.jsonl"} <= set(result.files)
 
@@ -377,7 +382,8 @@ def test_an_image_folder_is_the_same_data_wherever_it_lies(tmp_path):
     from PIL import Image
 
     from brn_cli.data.datasets import load_data
-    from brn_cli.train.finetune import _check_same_data, _data_fingerprint
+    from brn_cli.train.runfolder import check_same_data as _check_same_data
+    from brn_cli.train.runfolder import data_fingerprint as _data_fingerprint
 
     rng = np.random.default_rng(0)
     root = tmp_path / "images"

@@ -22,13 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 ARCHS = sorted(SAMPLE_ARCHS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every test here with one intra-op thread: 2 threads on a shared 2-core machine spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Every test here with one intra-op thread (the `one_thread` fixture in conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +94,8 @@ def test_arch_converts_with_eval_outputs_unchanged(name):
     assert all(p.grad is not None for p in converted.parameters())
 
 
+@pytest.mark.slow
+@pytest.mark.science
 def test_pretrain_small_resnet_reaches_real_accuracy(one_thread, data):
     model, metrics = pretrain_batchnorm("small_resnet", steps=100, batch_size=32, lr=0.05, seed=0, data=data)
     # measured: 93% val after 100 steps (seeds 0 and 1); chance is 10%

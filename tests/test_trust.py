@@ -154,6 +154,7 @@ def test_hostile_arch_spec_runs_nothing_in_any_command(run_cli, brn_ckpt, tmp_pa
             assert "evil.pt" in res.err, (name, res.err)
 
 
+@pytest.mark.slow
 def test_hostile_arch_spec_through_the_console_script(brn_ckpt, tmp_path):
     arch, marker = _hostile_arch("subprocess-run", tmp_path)
     evil = _edited(brn_ckpt, tmp_path / "evil.pt", arch=arch)
@@ -204,6 +205,8 @@ def test_arch_named_on_the_command_line_is_still_honoured(run_cli, brn_ckpt, tmp
 
 def test_recorded_allow_listed_builders_load_without_arch(tmp_path):
     # torchvision, timm and brn's samples are honoured from a file, with plain-data kwargs.
+    pytest.importorskip("torchvision", reason="torchvision (a test extra) is not installed")
+    pytest.importorskip("timm", reason="timm (a test extra) is not installed")
     cases = [
         ("torchvision:shufflenet_v2_x0_5", {"num_classes": 3}),
         ("timm:test_resnet", {"num_classes": 3}),
@@ -222,10 +225,10 @@ def test_recorded_allow_listed_builders_load_without_arch(tmp_path):
     [
         ({"spec": SAMPLE_ARCH, "kwargs": {"width": torch.tensor(8)}}, "plain data"),
         ({"spec": SAMPLE_ARCH, "kwargs": ["width", 8]}, "plain data"),
-        ({"spec": "brn_cli.recipes.pretrain:pretrain_batchnorm", "kwargs": {}}, "pass --arch"),
-        ({"spec": "brn_cli.samples.models:SAMPLE_ARCHS", "kwargs": {}}, "pass --arch"),
-        ({"spec": "torchvision:get_model", "kwargs": {}}, "pass --arch"),
-        ({"spec": "timm:create_model", "kwargs": {}}, "pass --arch"),
+        ({"spec": "brn_cli.recipes.pretrain:pretrain_batchnorm", "kwargs": {}}, "pass `arch`"),
+        ({"spec": "brn_cli.samples.models:SAMPLE_ARCHS", "kwargs": {}}, "pass `arch`"),
+        ({"spec": "torchvision:get_model", "kwargs": {}}, "pass `arch`"),
+        ({"spec": "timm:create_model", "kwargs": {}}, "pass `arch`"),
         ({"spec": "timm:resnet18", "kwargs": {"pretrained": True}}, "never downloads"),
         ({"spec": "timm:resnet18", "kwargs": {"checkpoint_path": "/etc/passwd"}}, "never downloads"),
         (
@@ -233,7 +236,7 @@ def test_recorded_allow_listed_builders_load_without_arch(tmp_path):
             "never downloads",
         ),
         ({"spec": "torchvision:fcn_resnet50", "kwargs": {"weights_backbone": "DEFAULT"}}, "never downloads"),
-        ({"spec": ["subprocess:run"], "kwargs": {}}, "pass --arch"),
+        ({"spec": ["subprocess:run"], "kwargs": {}}, "pass `arch`"),
     ],
 )
 def test_recorded_specs_outside_the_allow_list_are_refused(brn_ckpt, tmp_path, monkeypatch, arch, words):
@@ -247,6 +250,8 @@ def test_recorded_specs_outside_the_allow_list_are_refused(brn_ckpt, tmp_path, m
 
 def test_builders_never_download(tmp_path, monkeypatch):
     # Detectors and segmenters default to downloading ImageNet backbone weights; brn builds them without.
+    pytest.importorskip("torchvision", reason="torchvision (a test extra) is not installed")
+    pytest.importorskip("timm", reason="timm (a test extra) is not installed")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     for name in ("lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"):
         model = build_arch(f"torchvision:{name}", {"num_classes": 3})
@@ -451,6 +456,7 @@ def big_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -503,6 +509,7 @@ def _mount_tiny_tmpfs(folder: Path) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="tmpfs is Linux")
 def test_disk_full_on_save_is_one_line(big_ckpt, tmp_path):
     full = tmp_path / "full"

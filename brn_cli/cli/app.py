@@ -6,13 +6,15 @@ imported inside the commands so that `brn --help` stays fast.
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from brn_cli.errors import BrnError, first_line
+from brn_cli.errors import BrnError, first_line, render_params
 
 app = typer.Typer(
     name="brn",
@@ -128,13 +130,80 @@ def _run_app(args: list[str]) -> int:
     except BrnError as exc:
         if DEBUG["on"]:
             raise
-        sys.stderr.write(f"brn: error: {exc}\n")
+        sys.stderr.write(f"brn: error: {with_flags(str(exc), args, subject=exc.param)}\n")
         return exc.exit_code
     except Exception as exc:
         return _unexpected(exc)
     if isinstance(result, int) and not isinstance(result, bool):  # the code of a typer.Exit
         return _interrupted() if result == INTERRUPTED else result
     return 0  # the commands return None
+
+
+# Library parameters that no brn option is named after (typer names an option after its function argument),
+# keyed by `name`, or by `name=value` where that value has a flag of its own.
+FLAG_ALIASES = {
+    "num_batches": "--batches",
+    "fold=False": "--no-fold",
+}
+
+
+def with_flags(text: str, args: Sequence[str] = (), *, subject: str | None = None) -> str:
+    """A library message (see brn_cli.errors) in command-line terms: each backticked parameter becomes
+    the flag that sets it on the command `args` invoke (`batch_size` -> --batch-size, `force=True` ->
+    --force, `channels=3` -> --channels 3), and so does `subject`, the parameter at fault, where the
+    message starts with its bare name and a space. A name no flag sets keeps its library spelling."""
+    root = typer.main.get_command(app)
+    options = {**_options_of(root), **_options_of(_invoked_command(root, args))}
+
+    def spell(name: str, value: str | None) -> str:
+        flag = _flag(options, name, value)
+        if flag is not None:
+            return flag
+        return f"`{name}`" if value is None else f"`{name}={value}`"
+
+    text = render_params(text, spell)
+    if subject and re.match(rf"{re.escape(subject)}(?= |$)", text):  # not a path: data/x.npz
+        flag = _flag(options, subject, None)
+        text = text if flag is None else flag + text[len(subject) :]
+    return text
+
+
+def _invoked_command(root: Any, args: Sequence[str]) -> Any:
+    """The typer (click) command that `args` name: the root group, walked down by subcommand names."""
+    command = root
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        subcommands = getattr(command, "commands", None)
+        if not subcommands or arg not in subcommands:
+            break
+        command = subcommands[arg]
+    return command
+
+
+def _options_of(command: Any) -> dict[str, Any]:
+    """The options of `command` and of every command below it, by typer's name (the function argument's);
+    where two commands share a name, the first one found."""
+    found: dict[str, Any] = {}
+    for sub in getattr(command, "commands", {}).values():
+        found.update({k: v for k, v in _options_of(sub).items() if k not in found})
+    found.update({p.name: p for p in command.params if p.opts and p.opts[0].startswith("-")})
+    return found
+
+
+def _flag(options: dict[str, Any], name: str, value: str | None) -> str | None:
+    """How the command line spells parameter `name` (set to `value`, if given); None if no flag sets it."""
+    if value is not None and f"{name}={value}" in FLAG_ALIASES:
+        return FLAG_ALIASES[f"{name}={value}"]
+    option = options.get(name)
+    if option is None:
+        flag = FLAG_ALIASES.get(name)
+        return None if flag is None else flag if value is None else f"{flag} {value}"
+    flag = next((o for o in option.opts if o.startswith("--")), option.opts[0])
+    if getattr(option, "is_flag", False) and value in ("True", "False"):
+        off = option.secondary_opts[0] if option.secondary_opts else None
+        return flag if value == "True" else off
+    return flag if value is None else f"{flag} {value}"
 
 
 def _interrupted() -> int:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from brn_cli.cli.app import ChannelsOpt, app, out
+from brn_cli.cli.app import ChannelsOpt, app, err, out, with_flags
 from brn_cli.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -24,11 +24,11 @@ from brn_cli.cli.options import (
     SeedOpt,
     TrustPickleOpt,
     ValSplitOpt,
-    checkpoint_preprocessing,
-    human_size,
     load,
     print_json,
+    print_wrote_checkpoint,
 )
+from brn_cli.cli.progress import progress_if
 
 
 @app.command("evaluate")
@@ -64,20 +64,25 @@ def evaluate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Inference-mode loss and accuracy on the validation split (and with --batch-stats, minibatch-stats)."""
-    from brn_cli.data.datasets import load_data
     from brn_cli.data.samplers import parse_sampler
     from brn_cli.evaluation.evaluate import evaluate_data
-    from brn_cli.nn.device import resolve_device
 
     sampler = parse_sampler(sampler)
-    dev = resolve_device(device)
-    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    bundle = load_data(
+    dev, ckpt, bundle, _ = _load_for_data(
+        "evaluate",
+        checkpoint,
         data,
+        device=device,
         val_split=val_split,
-        seed=seed,
+        normalize=normalize,
+        image_size=image_size,
+        resize_size=resize_size,
         channels=channels,
-        **checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size),
+        seed=seed,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle,
+        key=key,
     )
     result = evaluate_data(
         ckpt.model,
@@ -87,13 +92,55 @@ def evaluate_cmd(
         sampler=sampler,
         seed=seed,
         device=dev,
-        progress=not as_json,
+        progress=progress_if(not as_json),
     )
     result.update(checkpoint=str(checkpoint), data=bundle.description, device=str(dev))
     if as_json:
         print_json(result)
-        return
-    out.print(f"[bold]{checkpoint}[/bold]  on {bundle.description}")
+    else:
+        _print_evaluation(checkpoint, bundle.description, result)
+
+
+def _load_for_data(
+    command: str,
+    checkpoint: Path,
+    data: str,
+    *,
+    device: str,
+    val_split: float | None,
+    normalize: str | None,
+    image_size: int | None,
+    resize_size: int | None,
+    channels: int | None,
+    seed: int,
+    arch: str | None,
+    arch_kwargs: str | None,
+    trust_pickle: bool,
+    key: str | None,
+):
+    """(device, checkpoint, data bundle, preprocessing options) for a command that runs a checkpoint on data.
+
+    The data is prepared as the options say, else as the checkpoint records it was fine-tuned; each setting
+    taken from the checkpoint is said on stderr, with the flag that changes it.
+    """
+    from brn_cli.data.datasets import load_data
+    from brn_cli.data.specs import preprocessing_for
+    from brn_cli.nn.device import resolve_device
+
+    dev = resolve_device(device)
+    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    preprocessing, notes = preprocessing_for(
+        ckpt.preprocessing, data, normalize=normalize, image_size=image_size, resize_size=resize_size
+    )
+    for param, taken in notes:
+        flag = with_flags(f"`{param}`", [command])
+        err.print(f"note: {taken}, as recorded in {ckpt.path.name} ({flag} to change)")
+    bundle = load_data(data, val_split=val_split, seed=seed, channels=channels, **preprocessing)
+    return dev, ckpt, bundle, preprocessing
+
+
+def _print_evaluation(checkpoint: Path, data: str, result: dict) -> None:
+    out.print(f"[bold]{checkpoint}[/bold]  on {data}")
     table = Table()
     for col in ("mode", "batches", "examples", "loss", "accuracy"):
         table.add_column(col, justify="right" if col != "mode" else "left")
@@ -145,19 +192,26 @@ def calibrate_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Re-estimate every norm layer's mu and sigma exactly over N batches; write a new brn checkpoint."""
-    from brn_cli.data.datasets import load_data
-    from brn_cli.data.specs import preprocessing_record
     from brn_cli.evaluation.calibrate import calibrate_data
-    from brn_cli.nn.convert import infer_input_shape
-    from brn_cli.nn.device import resolve_device
     from brn_cli.storage.atomic import check_writable
-    from brn_cli.storage.checkpoint import save_brn_checkpoint
 
     check_writable(output, force=force)
-    dev = resolve_device(device)
-    ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    preprocessing = checkpoint_preprocessing(ckpt, data, normalize, image_size, resize_size)
-    bundle = load_data(data, val_split=val_split, seed=seed, channels=channels, **preprocessing)
+    dev, ckpt, bundle, preprocessing = _load_for_data(
+        "calibrate",
+        checkpoint,
+        data,
+        device=device,
+        val_split=val_split,
+        normalize=normalize,
+        image_size=image_size,
+        resize_size=resize_size,
+        channels=channels,
+        seed=seed,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle,
+        key=key,
+    )
     shifts, used = calibrate_data(
         ckpt.model,
         bundle,
@@ -166,19 +220,9 @@ def calibrate_cmd(
         split=split,
         seed=seed,
         device=dev,
-        progress=not as_json,
+        progress=progress_if(not as_json),
     )
-    model = ckpt.model.cpu()
-    shape = ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
-    save_brn_checkpoint(
-        model,
-        output,
-        force=force,
-        input_shape=shape,
-        command="calibrate",
-        # The statistics were measured on inputs prepared this way: the new checkpoint records that.
-        **{**ckpt.lineage(), "preprocessing": preprocessing_record(**preprocessing)},
-    )
+    _save_calibrated(ckpt, output, preprocessing, force=force)
     result = {
         "source": str(checkpoint),
         "output": str(output),
@@ -192,6 +236,28 @@ def calibrate_cmd(
     if as_json:
         print_json(result)
         return
+    _print_calibration(shifts, result)
+    print_wrote_checkpoint(output, ckpt.arch_spec)
+
+
+def _save_calibrated(ckpt, output: Path, preprocessing: dict, *, force: bool) -> None:
+    from brn_cli.data.specs import preprocessing_record
+    from brn_cli.nn.convert import infer_input_shape
+    from brn_cli.storage.checkpoint import save_brn_checkpoint
+
+    model = ckpt.model.cpu()
+    save_brn_checkpoint(
+        model,
+        output,
+        force=force,
+        input_shape=ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec),
+        command="calibrate",
+        # The statistics were measured on inputs prepared this way: the new checkpoint records that.
+        **{**ckpt.lineage(), "preprocessing": preprocessing_record(**preprocessing)},
+    )
+
+
+def _print_calibration(shifts, result: dict) -> None:
     table = Table()
     for col in ("layer", "C", "max |mu shift|", "sigma new/old (min..max)"):
         table.add_column(col)
@@ -200,8 +266,7 @@ def calibrate_cmd(
             s.name, str(s.channels), f"{s.mean_shift:.4g}", f"{s.min_sigma_ratio:.4f}..{s.sigma_ratio:.4f}"
         )
     out.print(table)
-    note = f" (only {used} full batches of {batch_size} in the {split} split)" if used < batches else ""
-    out.print(f"calibrated {len(shifts)} layers over {used} batches x {batch_size} examples{note}")
-    if ckpt.arch_spec is None:
-        out.print("[yellow]note: no --arch given, so later commands on this file need --arch[/yellow]")
-    out.print(f"wrote {output} ({human_size(Path(output).stat().st_size)})")
+    used, size = result["batches"], result["batch_size"]
+    short = used < result["batches_requested"]
+    note = f" (only {used} full batches of {size} in the {result['split']} split)" if short else ""
+    out.print(f"calibrated {len(shifts)} layers over {used} batches x {size} examples{note}")

@@ -23,20 +23,8 @@ from brn_cli.cli.options import (
     parse_shape,
     print_json,
 )
+from brn_cli.cli.progress import RichProgress, stage_counter
 from brn_cli.errors import BrnError
-
-
-def _export_progress():
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
 
 
 def _print_export_report(report) -> None:
@@ -135,12 +123,9 @@ def export_onnx_cmd(
     if shape is None:
         raise BrnError("cannot infer an input shape; pass --input-shape, e.g. 2,3,224,224")
     stages = 2 + (not no_fold) + (not no_verify) + benchmark
-    with _export_progress() as progress:
-        task = progress.add_task("loading", total=stages)
-
-        def step(text: str) -> None:
-            progress.update(task, description=text, advance=1)
-
+    progress = RichProgress(spinner=True, elapsed=True, console=err)
+    progress.start("export", stages)
+    try:
         report = export_onnx_checked(
             ckpt.model,
             shape,
@@ -154,8 +139,10 @@ def export_onnx_cmd(
             rtol=rtol,
             benchmark=benchmark,
             force=force,
-            step=step,
+            step=stage_counter(progress),
         )
+    finally:
+        progress.stop()
     if as_json:
         print_json(report.to_dict())
     else:
@@ -167,12 +154,16 @@ def export_onnx_cmd(
             f"{output} not written"
         )
     if not as_json:
-        out.print(
-            f"wrote {output} ({human_size(report.size_bytes)}"
-            f"{', weights in ' + output.name + '.data' if report.external_data else ''}) "
-            f"in {report.export_seconds:.2f} s export ({report.exporter} exporter, opset {report.opset}, "
-            f"input {shape}, batch dynamic{', fp16' if fp16 else ''})"
-        )
+        _print_onnx_written(report, output)
+
+
+def _print_onnx_written(report, output: Path) -> None:
+    out.print(
+        f"wrote {output} ({human_size(report.size_bytes)}"
+        f"{', weights in ' + output.name + '.data' if report.external_data else ''}) "
+        f"in {report.export_seconds:.2f} s export ({report.exporter} exporter, opset {report.opset}, "
+        f"input {report.input_shape}, batch dynamic{', fp16' if report.fp16 else ''})"
+    )
 
 
 @export_app.command("state-dict")
@@ -232,7 +223,12 @@ def export_state_dict_cmd(
     }
     if as_json:
         print_json(result)
-        return
+    else:
+        _print_state_dict_written(result)
+
+
+def _print_state_dict_written(result: dict) -> None:
+    check = result["roundtrip"]
     if check is None:
         out.print(
             "[yellow]no architecture recorded: strict-load check skipped (pass --arch to run it)[/yellow]"
@@ -240,7 +236,10 @@ def export_state_dict_cmd(
     else:
         diff = check["max_abs_diff"]
         out.print(
-            f"[green]✓[/green] loads with strict=True into {ckpt.arch_spec}"
+            f"[green]✓[/green] loads with strict=True into {result['arch']}"
             + (f"; eval outputs max |diff| = {diff:.3g}" if diff is not None else "")
         )
-    out.print(f"wrote {path} ({fmt}, {len(state)} tensors, {human_size(result['size_bytes'])})")
+    out.print(
+        f"wrote {result['output']} ({result['format']}, {result['tensors']} tensors, "
+        f"{human_size(result['size_bytes'])})"
+    )

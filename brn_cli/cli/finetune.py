@@ -1,9 +1,19 @@
-"""`brn finetune`."""
+"""`brn finetune`: its options are the fields of :class:`brn_cli.train.config.FinetuneConfig`.
+
+The command's signature is built from that declaration (:func:`_declared_parameters`): each field becomes
+``--field-name`` with the field's default and help, except the few spelled otherwise on the command line
+(:data:`_SPECIAL`) and the options several commands share (:data:`_SHARED`, the same flag and help
+everywhere). So an option added to the config appears here, and a default lives in one place.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import os
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,225 +31,170 @@ from brn_cli.cli.options import (
     ValSplitOpt,
     print_json,
 )
-from brn_cli.errors import BrnError
+from brn_cli.errors import BrnError, render_params
+from brn_cli.train.config import FinetuneConfig
+
+# The order of the options in `brn finetune --help`; `nproc` and `as_json` belong to the command alone.
+_ORDER = (
+    "checkpoint data output arch arch_kwargs trust_pickle steps epochs batch_size lr optimizer weight_decay "
+    "lr_schedule warmup_steps momentum rmax_schedule dmax_schedule seed eval_every save_every log_every "
+    "microbatch sampler val_split normalize image_size resize_size channels augment device amp "
+    "channels_last compile num_workers resume stats_sync nproc dist_timeout as_json force"
+).split()
+_SHARED = {
+    "arch": ArchOpt,
+    "arch_kwargs": ArchKwargsOpt,
+    "trust_pickle": TrustPickleOpt,
+    "val_split": ValSplitOpt,
+    "normalize": NormalizeOpt,
+    "image_size": ImageSizeOpt,
+    "resize_size": ResizeSizeOpt,
+    "channels": ChannelsOpt,
+    "device": DeviceOpt,
+    "force": ForceOpt,
+    "as_json": JsonOpt,
+}
+# Fields typed or spelled otherwise on the command line: (type, extra flag names); all default to None.
+_SPECIAL = {
+    "checkpoint": (Path | None, None),
+    "data": (str | None, ()),
+    "output": (Path | None, ("-o",)),
+    "resume": (Path | None, ()),
+}
+_REQUIRED = {
+    "checkpoint": "missing CHECKPOINT (the model to fine-tune), or pass --resume RUNDIR",
+    "data": "missing --data (an .npz, an image folder or package.module:callable)",
+    "output": "missing -o/--output (the run folder)",
+}
+_NPROC_HELP = "Launch N processes on this machine (torchrun); `batch_size` is per process."
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help(text: str) -> str:
+    """Help written in parameter terms (`batch_size`) in command-line terms (--batch-size)."""
+    return render_params(text, lambda name, value: _flag(name) if value is None else f"{_flag(name)} {value}")
+
+
+def _parameter(name: str, field: dataclasses.Field | None, hints: dict[str, Any]) -> inspect.Parameter:
+    """One option of the command, from its config field (or the command's own `nproc`)."""
+    kind, default = inspect.Parameter.KEYWORD_ONLY, None
+    if name in _SHARED:
+        annotation, default = _SHARED[name], field.default if field is not None else False
+    elif name == "nproc":
+        annotation = Annotated[int | None, typer.Option("--nproc", help=_help(_NPROC_HELP))]
+    elif name in _SPECIAL:
+        kind_type, extra = _SPECIAL[name]
+        info = (
+            typer.Argument(help=_help(field.metadata["help"]))
+            if extra is None
+            else typer.Option(*extra, _flag(name), help=_help(field.metadata["help"]))
+        )
+        annotation = Annotated[kind_type, info]
+    else:
+        info = typer.Option(_flag(name), help=_help(field.metadata["help"]))
+        annotation, default = Annotated[hints[name], info], field.default
+    return inspect.Parameter(name, kind, default=default, annotation=annotation)
+
+
+def _declared_parameters() -> list[inspect.Parameter]:
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig) if f.metadata.get("cli", True)}
+    hints = typing.get_type_hints(FinetuneConfig)
+    missing = set(fields) - set(_ORDER)
+    assert not missing, f"FinetuneConfig fields without a place in `brn finetune`: {sorted(missing)}"
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    return [context] + [_parameter(name, fields.get(name), hints) for name in _ORDER]
+
+
+def _with_declared_options(command):
+    """Give `command` (ctx, **options) the signature built from the declaration, for typer to read."""
+    signature = inspect.Signature(_declared_parameters())
+    command.__signature__ = signature
+    command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    return command
+
+
+def _given_on_command_line(ctx: typer.Context) -> list[str]:
+    """The config fields set on this command line (a resume may change only some, see the config)."""
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return [
+        p.name
+        for p in ctx.command.params
+        if p.name in fields and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"
+    ]
 
 
 @app.command("finetune")
-def finetune_cmd(
-    ctx: typer.Context,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Argument(
-            help="BatchNorm or brn checkpoint to fine-tune (BatchNorm layers are converted on the fly). "
-            "Not needed with --resume."
-        ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            help="Data: .npz (x_train, y_train[, x_val, y_val]), a folder with train/ and val/, "
-            "or package.module:callable returning (train, val). With --resume: the run's data at a new "
-            "location (checked to be the same data).",
-        ),
-    ] = None,
-    output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Run folder: last.pt, best.pt, metrics.jsonl, ...")
-    ] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps to run.")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Or: passes over the data.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step (per process).")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 0.01,
-    optimizer: Annotated[
-        str, typer.Option("--optimizer", help="sgd (Nesterov 0.9), adamw or rmsprop.")
-    ] = "sgd",
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", help="Decoupled for adamw; not applied to biases/norms.")
-    ] = 0.0,
-    lr_schedule: Annotated[
-        str, typer.Option("--lr-schedule", help="cosine, linear or constant (after warm-up).")
-    ] = "cosine",
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear LR warm-up steps.")] = 0,
-    momentum: Annotated[
-        float, typer.Option("--momentum", help="Rate of the moving mu/sigma (the paper's alpha).")
-    ] = 0.01,
-    rmax_schedule: Annotated[
-        str,
-        typer.Option("--rmax-schedule", help="paper-scaled, paper, off (plain batchnorm), or STEP:VALUE,..."),
-    ] = "paper-scaled",
-    dmax_schedule: Annotated[
-        str | None,
-        typer.Option("--dmax-schedule", help="As --rmax-schedule (default: the same preset)."),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, dropout and --val-split.")] = 0,
-    eval_every: Annotated[
-        int, typer.Option("--eval-every", help="Validate (inference mode) every N steps; 0: at the end.")
-    ] = 0,
-    save_every: Annotated[
-        int, typer.Option("--save-every", help="Write last.pt every N steps (0: at the end).")
-    ] = 0,
-    log_every: Annotated[int, typer.Option("--log-every", help="Steps per metrics.jsonl train record.")] = 10,
-    microbatch: Annotated[
-        int | None,
-        typer.Option("--microbatch", help="Normalize groups of K examples separately (paper section 4.2)."),
-    ] = None,
-    sampler: Annotated[
-        str,
-        typer.Option("--sampler", help="iid, or grouped:K (batch/K labels, K examples each; section 4.3)."),
-    ] = "iid",
-    val_split: ValSplitOpt = None,
-    normalize: NormalizeOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize_size: ResizeSizeOpt = None,
-    channels: ChannelsOpt = None,
-    augment: Annotated[
-        str,
-        typer.Option(
-            "--augment",
-            help="Training images: none, flip, or crop-flip (random resized crop, then flip). Seeded per "
-            "example and epoch, so resume and workers do not change it.",
-        ),
-    ] = "none",
-    device: DeviceOpt = "auto",
-    amp: Annotated[
-        str, typer.Option("--amp", help="off, bf16 or fp16 (fp16: with a GradScaler; meant for GPUs).")
-    ] = "off",
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC memory format.")] = False,
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the training forward.")
-    ] = False,
-    num_workers: Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes.")] = 0,
-    resume: Annotated[
-        Path | None,
-        typer.Option("--resume", help="Continue the run in this folder exactly (its settings are kept)."),
-    ] = None,
-    stats_sync: Annotated[
-        str,
-        typer.Option(
-            "--stats-sync",
-            help="Several processes: global (batch statistics over all ranks) or local (each rank its own "
-            "minibatch, moving averages shared; the paper's section 4).",
-        ),
-    ] = "global",
-    nproc: Annotated[
-        int | None,
-        typer.Option(
-            "--nproc", help="Launch N processes on this machine (torchrun); --batch-size is per process."
-        ),
-    ] = None,
-    dist_timeout: Annotated[
-        float,
-        typer.Option("--dist-timeout", help="Seconds to wait for the other ranks before giving up."),
-    ] = 300.0,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-) -> None:
+@_with_declared_options
+def finetune_cmd(ctx: typer.Context, **options: Any) -> None:
     """Fine-tune with Batch Renormalization: schedules, non-i.i.d. batches, resumable run folder."""
-    from brn_cli.train.finetune import FinetuneConfig, run_finetune
-
-    if resume is not None:
-        # The library decides what may change on --resume; it needs to know which options were given.
-        names = {"compile_model": "compile", "as_json": None, "nproc": None}
-        given_options = [
-            names.get(p.name, p.name)
-            for p in ctx.command.params
-            if names.get(p.name, p.name) is not None
-            and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"
-        ]
-    else:
-        if checkpoint is None:
-            raise BrnError("missing CHECKPOINT (the model to fine-tune), or pass --resume RUNDIR")
-        if data is None:
-            raise BrnError("missing --data (an .npz, an image folder or package.module:callable)")
-        if output is None:
-            raise BrnError("missing -o/--output (the run folder)")
+    from brn_cli.cli.progress import progress_if
     from brn_cli.storage.checkpoint import parse_arch_kwargs
-
-    config = FinetuneConfig(
-        checkpoint=str(checkpoint or ""),
-        data=data or "",
-        output=str(output if output is not None else resume),
-        arch=arch,
-        arch_kwargs=parse_arch_kwargs(arch_kwargs) or None,
-        trust_pickle=trust_pickle,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,
-        momentum=momentum,
-        rmax_schedule=rmax_schedule,
-        dmax_schedule=dmax_schedule,
-        seed=seed,
-        eval_every=eval_every,
-        save_every=save_every,
-        microbatch=microbatch,
-        sampler=sampler,
-        val_split=val_split,
-        normalize=normalize,
-        image_size=image_size,
-        resize_size=resize_size,
-        channels=channels,
-        augment=augment,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        compile=compile_model,
-        num_workers=num_workers,
-        force=force,
-        resume=str(resume) if resume is not None else None,
-        log_every=log_every,
-        stats_sync=stats_sync,
-        dist_timeout=dist_timeout,
-        resume_overrides=given_options if resume is not None else None,
-    )
-    import os
-
     from brn_cli.train.distributed import launched_by_torchrun
+    from brn_cli.train.finetune import run_finetune
     from brn_cli.train.launch import launch_finetune
 
+    nproc, as_json, resume = options.pop("nproc"), options.pop("as_json"), options["resume"]
+    if resume is None:
+        for name, message in _REQUIRED.items():
+            if options[name] is None:
+                raise BrnError(message)
+    config = FinetuneConfig(
+        **{
+            **options,
+            "checkpoint": str(options["checkpoint"] or ""),
+            "data": options["data"] or "",
+            "output": str(options["output"] if options["output"] is not None else resume),
+            "arch_kwargs": parse_arch_kwargs(options["arch_kwargs"]) or None,
+            "resume": str(resume) if resume is not None else None,
+            "resume_overrides": _given_on_command_line(ctx) if resume is not None else None,
+        }
+    )
     if nproc is not None and nproc < 1:
         raise BrnError(f"--nproc must be >= 1, got {nproc}")
     if nproc is not None and nproc > 1 and launched_by_torchrun():
         raise BrnError("--nproc launches torchrun itself; under torchrun leave it out")
     if nproc is not None and nproc > 1:
-        # Rank 0 shows the progress; the summary comes back here.
-        result = launch_finetune(config, nproc, progress=not as_json)
+        result = launch_finetune(config, nproc, progress=not as_json)  # rank 0 shows the progress
     else:
-        result = run_finetune(config, progress=not as_json)
+        result = run_finetune(config, progress=progress_if(not as_json, transient=False))
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
             return
     if as_json:
-        print_json(
-            {
-                "run_dir": result.run_dir,
-                "steps": result.steps,
-                "resumed_from": result.resumed_from,
-                "device": result.device,
-                "seconds": result.seconds,
-                "final": result.final,
-                "best": result.best,
-                "metrics": result.metrics_path,
-                "files": result.files,
-            }
-        )
+        print_json(_summary(result))
         return
-    f = result.final
+    for line in _report_lines(result):
+        out.print(line)
+
+
+def _summary(result) -> dict[str, Any]:
+    return {
+        "run_dir": result.run_dir,
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "device": result.device,
+        "seconds": result.seconds,
+        "final": result.final,
+        "best": result.best,
+        "metrics": result.metrics_path,
+        "files": result.files,
+    }
+
+
+def _report_lines(result) -> list[str]:
+    f, lines = result.final, []
     if result.resumed_from is not None:
-        out.print(f"resumed from step {result.resumed_from}")
+        lines.append(f"resumed from step {result.resumed_from}")
     line = f"step {result.steps}: train loss {f['train_loss']:.4f}" if f.get("train_loss") is not None else ""
     if f.get("val_accuracy") is not None:
         line += f", val accuracy {100 * f['val_accuracy']:.2f}% (inference mode)"
     if line:
-        out.print(line)
+        lines.append(line)
     if result.best.get("val_accuracy") is not None:
-        out.print(f"best: {100 * result.best['val_accuracy']:.2f}% at step {result.best['step']}")
-    out.print(
+        lines.append(f"best: {100 * result.best['val_accuracy']:.2f}% at step {result.best['step']}")
+    lines.append(
         f"wrote {result.run_dir}/ ({', '.join(result.files)}) on {result.device} in {result.seconds:.1f} s"
     )
+    return lines

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from brn_cli.cli.app import app, out
+from brn_cli.cli.app import app, out, with_flags
 from brn_cli.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -19,12 +19,12 @@ from brn_cli.cli.options import (
     JsonOpt,
     KeyOpt,
     TrustPickleOpt,
-    human_size,
     load,
     parse_shape,
     print_json,
+    print_wrote_checkpoint,
 )
-from brn_cli.errors import BrnError, first_line
+from brn_cli.errors import BrnError
 
 
 def file_text(text: object, limit: int = 200) -> str:
@@ -125,16 +125,8 @@ def convert_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Replace BatchNorm layers by Batch Renorm (eval outputs unchanged) and write a brn checkpoint."""
-    import copy
-
     from brn_cli.errors import VerificationError
-    from brn_cli.nn.convert import (
-        check_convertible,
-        convert_batchnorm,
-        infer_input_shape,
-        max_eval_difference,
-        plan_conversion,
-    )
+    from brn_cli.nn.convert import convert_checked, plan_checked
     from brn_cli.storage.atomic import check_writable
     from brn_cli.storage.checkpoint import save_brn_checkpoint
 
@@ -146,8 +138,12 @@ def convert_cmd(
         check_writable(output, force=force)
     shape = parse_shape(input_shape)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
-    model = ckpt.model
-    decisions = plan_conversion(model, include=include, exclude=exclude)
+    # A dry run shows the decisions even when every layer is skipped.
+    decisions = plan_checked(
+        ckpt.model, include=include, exclude=exclude, source=checkpoint.name, require_conversion=not dry_run
+    )
+    for d in decisions:  # a reason names the library's parameters; show this command's flags
+        d.reason = d.reason and with_flags(d.reason, ["convert"])
     converting = [d for d in decisions if d.action == "convert"]
     result = {
         "source": str(checkpoint),
@@ -158,47 +154,32 @@ def convert_cmd(
         "max_abs_diff": None,
         "input_shape": None,
     }
-    if not decisions:
-        raise BrnError(
-            f"{checkpoint.name}: the model has no BatchNorm layers with running statistics; "
-            "nothing to convert"
-        )
-    if not dry_run and not converting:
-        reasons = sorted({d.reason for d in decisions if d.reason})
-        raise BrnError(f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})")
-    check_convertible(model, decisions)  # a dry run says so too: NaN/inf statistics or eps <= 0, by layer
-
     if not dry_run:
-        original = copy.deepcopy(model)
-        convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude)
-        shape = shape or ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec)
-        if shape is None:
-            raise BrnError("cannot infer an input shape from the first layer; pass --input-shape")
         try:
-            diff = max_eval_difference(original, model, shape)
-        except Exception as exc:
-            raise BrnError(
-                f"the model does not run on input shape {shape} ({type(exc).__name__}: "
-                f"{first_line(exc)}); pass --input-shape"
-            ) from None
-        result.update(max_abs_diff=diff, input_shape=shape)
-        if not diff <= 1e-5:
-            raise VerificationError(
-                f"conversion changed eval outputs by {diff:.3g} (expected 0); nothing written"
+            checked = convert_checked(
+                ckpt.model,
+                input_shape=shape or ckpt.input_shape,
+                arch_spec=ckpt.arch_spec,
+                momentum=momentum,
+                include=include,
+                exclude=exclude,
             )
+        except VerificationError as exc:
+            raise VerificationError(f"{exc}; nothing written") from None
+        shape = checked.input_shape
         save_brn_checkpoint(
-            model,
-            output,
-            force=force,
-            input_shape=shape,
-            command="convert",
-            **ckpt.lineage(),
+            checked.model, output, force=force, input_shape=shape, command="convert", **ckpt.lineage()
         )
-        result["output"] = str(output)
-
+        result.update(max_abs_diff=checked.max_abs_diff, input_shape=shape, output=str(output))
     if as_json:
         print_json(result)
         return
+    _print_conversion(decisions, result, momentum=momentum, dry_run=dry_run)
+    if not dry_run:
+        print_wrote_checkpoint(output, ckpt.arch_spec)
+
+
+def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool) -> None:
     table = Table()
     for col in ("layer", "from", "to / skipped because"):
         table.add_column(col)
@@ -211,11 +192,11 @@ def convert_cmd(
     out.print(table)
     verb = "would convert" if dry_run else "converted"
     out.print(
-        f"{verb} {len(converting)} of {len(decisions)} BatchNorm layers (momentum {momentum:g}, "
+        f"{verb} {result['converted']} of {len(decisions)} BatchNorm layers (momentum {momentum:g}, "
         "rmax 1, dmax 0: unchanged until a schedule relaxes them)"
     )
     if not dry_run:
-        out.print(f"eval outputs on input {shape}: max |original - converted| = {result['max_abs_diff']:.3g}")
-        if ckpt.arch_spec is None:
-            out.print("[yellow]note: no --arch given, so later commands on this file need --arch[/yellow]")
-        out.print(f"wrote {output} ({human_size(Path(output).stat().st_size)})")
+        out.print(
+            f"eval outputs on input {result['input_shape']}: "
+            f"max |original - converted| = {result['max_abs_diff']:.3g}"
+        )

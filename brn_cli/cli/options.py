@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from brn_cli.cli.app import err
+from brn_cli.cli.app import out
 from brn_cli.errors import BrnError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,11 +80,10 @@ def parse_shape(text: str | None) -> list[int] | None:
     """'2,3,224,224' or '2x3x224x224' -> [2, 3, 224, 224]."""
     if text is None:
         return None
-    parts = text.replace("x", ",").replace(" ", "").strip(",").split(",")
-    try:
-        shape = [int(p) for p in parts if p]
-    except ValueError:
-        raise BrnError(f"--input-shape {text!r}: expected integers like 2,3,224,224") from None
+    compact = text.replace(" ", "").strip(",")
+    if not re.fullmatch(r"\d+([x,]\d+)*", compact):
+        raise BrnError(f"--input-shape {text!r}: expected integers like 2,3,224,224")
+    shape = [int(p) for p in re.split(r"[x,]", compact)]
     if len(shape) < 2 or any(s <= 0 for s in shape):
         raise BrnError(f"--input-shape {text!r}: need at least (batch, features), all positive")
     return shape
@@ -103,34 +103,6 @@ def load(
     )
 
 
-def checkpoint_preprocessing(
-    ckpt: LoadedCheckpoint,
-    data: str,
-    normalize: str | None,
-    image_size: int | None = None,
-    resize_size: int | None = None,
-) -> dict[str, Any]:
-    """load_data's preprocessing options: those given, else those the checkpoint was fine-tuned with (said on
-    stderr; a model scores at chance on inputs prepared differently)."""
-    from brn_cli.data.datasets import is_image_folder
-    from brn_cli.data.specs import resolve_normalize
-
-    recorded = ckpt.preprocessing
-    chosen = resolve_normalize(normalize, recorded.get("normalize"))
-    if normalize is None and chosen is not None:
-        err.print(
-            f"note: inputs normalized with {chosen}, as recorded in {ckpt.path.name} (--normalize to change)"
-        )
-    if image_size is None and recorded.get("image_size") and is_image_folder(data):
-        image_size = int(recorded["image_size"])
-        resize_size = resize_size if resize_size is not None else recorded.get("resize_size")
-        err.print(
-            f"note: images resized to {resize_size} and center-cropped to {image_size}, as recorded in "
-            f"{ckpt.path.name} (--image-size to change)"
-        )
-    return {"normalize": chosen, "image_size": image_size, "resize_size": resize_size}
-
-
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -143,6 +115,13 @@ def _json_default(value):
     return str(value)
 
 
+def print_wrote_checkpoint(output: Path, arch_spec: str | None) -> None:
+    """The last lines of a command that wrote a brn checkpoint: where, how big, and whether it needs --arch."""
+    if arch_spec is None:
+        out.print("[yellow]note: no --arch given, so later commands on this file need --arch[/yellow]")
+    out.print(f"wrote {output} ({human_size(Path(output).stat().st_size)})")
+
+
 def human_size(num_bytes: int) -> str:
     size = float(num_bytes)
     for unit in ("B", "KB", "MB", "GB"):
@@ -153,7 +132,7 @@ def human_size(num_bytes: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# schedule / evaluate / calibrate (data, schedule, evaluate, calibrate modules)
+# Data, device and seed: the commands that run a model on data
 # ----------------------------------------------------------------------------------------------
 DataOpt = Annotated[
     str,

@@ -20,6 +20,7 @@ from brn_cli.cli.options import (
     human_size,
     print_json,
 )
+from brn_cli.cli.progress import progress_if
 from brn_cli.errors import BrnError
 
 
@@ -75,10 +76,17 @@ def demo_cmd(
         if not quiet:
             out.print(f"  {text}")
 
-    result = run_demo(config, stage=stage, note=note, progress=not quiet)
+    result = run_demo(config, stage=stage, note=note, progress=progress_if(not quiet, transient=False))
     if as_json:
         print_json(result.to_dict())
         return
+    _print_demo_result(result, config, quick=quick)
+
+
+def _print_demo_result(result, config, *, quick: bool) -> None:
+    """The demo's closing table: both runs' accuracies (PyTorch and ONNX), parity and time."""
+    from rich.rule import Rule
+
     out.print(Rule("[bold]result", align="left"))
     table = Table(title=f"fine-tuned {config.steps} steps on {config.sampler} batches (seed {config.seed})")
     table.add_column("")
@@ -174,7 +182,9 @@ def reproduce_cmd(
                     f"{_pct(record['val_accuracy'])} ({record['seconds']:.0f} s)"
                 )
 
-        report = run_reproduce(config, on_run=on_run, progress=not as_json)
+        report = run_reproduce(
+            config, on_run=on_run, progress=progress_if(not as_json, transient=False, elapsed=True)
+        )
     if as_json:
         print_json({k: v for k, v in report.items() if k != "table"})
         return
@@ -185,8 +195,8 @@ def reproduce_cmd(
 @app.command("bench")
 def bench_cmd(
     what: Annotated[
-        str, typer.Option("--what", help="Comma-separated: layer, models, onnx, peer (default: all).")
-    ] = "layer,models,onnx,peer",
+        str, typer.Option("--what", help="Comma-separated: layer, models, onnx, peer, ops (default: all).")
+    ] = "layer,models,onnx,peer,ops",
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1).")] = 1,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer shapes and repetitions.")] = False,
@@ -197,9 +207,8 @@ def bench_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Speed, side by side: renorm vs BatchNorm (layer sweep, ResNet training steps), ONNX folding, torchrl."""
-    from brn_cli.nn.device import resolve_device
+    from brn_cli.nn.device import resolve_device, set_threads
     from brn_cli.recipes.bench import run_benchmarks
-    from brn_cli.recipes.demo import set_threads
     from brn_cli.storage.atomic import check_writable, write_atomic
 
     parts = [w.strip() for w in what.split(",") if w.strip()]

@@ -32,7 +32,7 @@ CROP_RATIO = (3 / 4, 4 / 3)
 def parse_augment(text: str) -> str:
     mode = text.strip().lower()
     if mode not in AUGMENTATIONS:
-        raise BrnError(f"--augment {text!r}: expected one of {', '.join(AUGMENTATIONS)}")
+        raise BrnError(f"`augment` {text!r}: expected one of {', '.join(AUGMENTATIONS)}")
     return mode
 
 
@@ -87,7 +87,7 @@ class AugmentedDataset(Dataset):
     torchvision's random transforms draw from the global RNG, which DataLoader workers re-seed and which a
     resumed run has advanced differently; a generator per example keeps augmentation exact across both.
     Call :meth:`set_epoch` before building each epoch's loader. Flips and bilinear crops commute with the
-    per-channel ``--normalize``, so applying them to normalized tensors is the same as before normalizing.
+    per-channel ``normalize``, so applying them to normalized tensors is the same as before normalizing.
     """
 
     def __init__(self, base: Dataset, mode: str, seed: int, labels: Tensor) -> None:
@@ -104,6 +104,6 @@ class AugmentedDataset(Dataset):
         x, y = self.base[index]
         x = torch.as_tensor(x)
         if x.dim() != 3:
-            raise BrnError(f"--augment needs image examples [C, H, W]; this data has shape {list(x.shape)}")
+            raise BrnError(f"`augment` needs image examples [C, H, W]; this data has shape {list(x.shape)}")
         generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, int(index)))
         return augment_image(x, self.mode, generator), int(y)

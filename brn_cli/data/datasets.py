@@ -9,21 +9,21 @@ Data specs (:func:`load_data`):
     or flat N x F features. Labels: integer (or whole float) class indices >= 0. Object arrays are refused:
     nothing is ever unpickled;
   * an ImageFolder-layout directory with ``train/`` and ``val/`` subfolders (torchvision ImageFolder;
-    ToTensor). Images load as RGB, or grayscale with ``channels=1`` (``--channels``); left unset, the
-    channels follow the first convolution of the model (:func:`fit_data_to_model`). ``--image-size S`` resizes each image's shorter side to ``--resize-size R`` (default
+    ToTensor). Images load as RGB, or grayscale with ``channels=1``; left unset, the
+    channels follow the first convolution of the model (:func:`fit_data_to_model`). ``image_size=S`` resizes each image's shorter side to ``resize_size=R`` (default
     round(S / 0.875), torchvision's 224 -> 256) and center-crops S x S, as torchvision's classification
     presets do at evaluation; the same deterministic transform serves training (no augmentation, so a run
     replays exactly). Without it every image is resized to the first training image's size, so folders of
     mixed sizes still batch;
   * ``package.module:callable`` returning ``(train_dataset, val_dataset)`` (val may be None).
 
-``--augment flip|crop-flip`` (fine-tuning only) randomly transforms the training images, never the validation
+``augment="flip"`` or ``"crop-flip"`` (fine-tuning only) randomly transforms the training images, never the validation
 ones (:class:`AugmentedDataset`): a horizontal flip with probability 1/2, after a random resized crop for
 ``crop-flip``. Each example draws from its own generator seeded by (seed, epoch, index), so the augmentation
 does not depend on worker processes or on where a run was resumed.
 
-``--normalize MEAN,STD`` (or M1,M2,M3,S1,S2,S3 per channel) maps x -> (x - mean) / std after the [0, 1]
-scaling. ``--val-split F`` holds out a seeded, stratified fraction F of train when there is no validation
+``normalize="MEAN,STD"`` (or M1,M2,M3,S1,S2,S3 per channel) maps x -> (x - mean) / std after the [0, 1]
+scaling. ``val_split=F`` holds out a seeded, stratified fraction F of train when there is no validation
 set.
 
 Batch composition follows the paper's section 4.3 (:class:`LabelBatchSampler`): ``iid`` is a seeded
@@ -49,7 +49,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from brn_cli.data.augment import AugmentedDataset, parse_augment
-from brn_cli.data.specs import _check_image_size, default_resize_size, parse_normalize
+from brn_cli.data.specs import (
+    IMAGE_CHANNELS,
+    _check_channels,
+    check_data_spec,
+    default_resize_size,
+    parse_normalize,
+)
 from brn_cli.errors import BrnError, first_line
 
 __all__ = [
@@ -240,7 +246,7 @@ def _normalize_tensor(x: Tensor, norm: tuple[Tensor, Tensor] | None, what: str) 
     mean, std = norm
     channels = x.shape[1]
     if mean.numel() not in (1, channels):
-        raise BrnError(f"--normalize gives {mean.numel()} channel values but {what} has {channels} channels")
+        raise BrnError(f"`normalize` gives {mean.numel()} channel values but {what} has {channels} channels")
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return (x - mean.view(shape)) / std.view(shape)
 
@@ -256,11 +262,6 @@ def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tenso
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
-
-
-def _check_split(val_split: float | None) -> None:
-    if val_split is not None and not 0.0 < val_split < 1.0:
-        raise BrnError(f"--val-split must be a fraction in (0, 1), got {val_split}")
 
 
 def _open_npz(path: Path) -> Any:
@@ -307,7 +308,7 @@ def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundl
         raw = {k: _read_npz_array(arrays, k, path) for k in keys if k in names}
     has_val = "x_val" in raw
     if has_val and val_split is not None:
-        raise BrnError(f"{path} has x_val/y_val already; drop --val-split")
+        raise BrnError(f"{path} has x_val/y_val already; drop `val_split`")
     x_train = _to_float_images(raw["x_train"], f"{path}: x_train")
     y_train = _check_labels(raw["y_train"], f"{path}: y_train")
     if len(x_train) != len(y_train):
@@ -330,7 +331,7 @@ def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundl
     elif val_split is not None:
         tr, va = _stratified_split(y_train, val_split, seed)
         if len(tr) == 0 or len(va) == 0:
-            raise BrnError(f"--val-split {val_split} leaves an empty train or validation set")
+            raise BrnError(f"`val_split` {val_split} leaves an empty train or validation set")
         x_val, y_val = x_train.index_select(0, va), y_train.index_select(0, va)
         x_train, y_train = x_train.index_select(0, tr), y_train.index_select(0, tr)
     else:
@@ -379,11 +380,11 @@ def _wrap_datasets(
         raise BrnError(f"{source}: {len(train)} training examples but {len(y_train)} labels")  # type: ignore[arg-type]
     y_val = dataset_labels(val, f"{source}: validation set") if val is not None else None
     if val is not None and val_split is not None:
-        raise BrnError(f"{source} has a validation set already; drop --val-split")
+        raise BrnError(f"{source} has a validation set already; drop `val_split`")
     if val is None and val_split is not None:
         tr, va = _stratified_split(y_train, val_split, seed)
         if len(tr) == 0 or len(va) == 0:
-            raise BrnError(f"--val-split {val_split} leaves an empty train or validation set")
+            raise BrnError(f"`val_split` {val_split} leaves an empty train or validation set")
         train, val, y_train, y_val = (
             _Subset(train, tr, y_train[tr]),
             _Subset(train, va, y_train[va]),
@@ -395,7 +396,7 @@ def _wrap_datasets(
     if norm is not None:
         channels = shape[0] if shape else 1
         if norm[0].numel() not in (1, channels):
-            raise BrnError(f"--normalize gives {norm[0].numel()} channel values but the data has {channels}")
+            raise BrnError(f"`normalize` gives {norm[0].numel()} channel values but the data has {channels}")
         train = _Normalized(train, *norm)
         val = _Normalized(val, *norm) if val is not None else None
     desc = f"{name or source}: {len(train)} train" + (f" / {len(val)} val" if val is not None else "")  # type: ignore[arg-type]
@@ -415,14 +416,6 @@ class DataFileError(BrnError):
         if message.startswith("Caught ") and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
-
-
-IMAGE_CHANNELS = (1, 3)
-
-
-def _check_channels(channels: int | None) -> None:
-    if channels is not None and channels not in IMAGE_CHANNELS:
-        raise BrnError(f"--channels must be 1 or 3, got {channels}")
 
 
 class ImageReader:
@@ -510,22 +503,22 @@ def _load_image_folder(
 def _check_normalize_channels(norm, channels: int, why: str = "") -> None:
     if norm is not None and norm[0].numel() not in (1, channels):
         raise BrnError(
-            f"--normalize gives {norm[0].numel()} channel values but the images have {channels}{why}"
+            f"`normalize` gives {norm[0].numel()} channel values but the images have {channels}{why}"
         )
 
 
 def _load_callable(spec: str, val_split: float | None, norm, seed: int) -> DataBundle:
     from brn_cli.storage.checkpoint import import_callable
 
-    result = import_callable(spec, option="--data")()
+    result = import_callable(spec, param="data")()
     if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise BrnError(f"--data {spec} must return (train_dataset, val_dataset), got {type(result).__name__}")
+        raise BrnError(f"`data` {spec} must return (train_dataset, val_dataset), got {type(result).__name__}")
     train, val = result
     return _wrap_datasets(train, val, val_split, norm, seed, spec)
 
 
 def is_image_folder(spec: str | os.PathLike) -> bool:
-    """Whether a data spec names an ImageFolder-layout directory (the only kind --image-size applies to)."""
+    """Whether a data spec names an ImageFolder-layout directory (the only kind ``image_size`` applies to)."""
     return Path(str(spec)).is_dir()
 
 
@@ -550,7 +543,7 @@ def load_data(
     if augment != "none":  # the training set only, after any --val-split
         if len(bundle.sample_shape) != 3:
             raise BrnError(
-                f"--augment needs image examples [C, H, W]; this data has shape {list(bundle.sample_shape)}"
+                f"`augment` needs image examples [C, H, W]; this data has shape {list(bundle.sample_shape)}"
             )
         bundle.train = AugmentedDataset(bundle.train, augment, seed, bundle.train_labels)
         bundle.description += f", augmented ({augment})"
@@ -566,29 +559,21 @@ def _load_data(
     resize_size: int | None,
     channels: int | None,
 ) -> DataBundle:
-    _check_split(val_split)
-    _check_image_size(image_size, resize_size)
-    _check_channels(channels)
+    kind = check_data_spec(
+        spec,
+        val_split=val_split,
+        normalize=normalize,
+        image_size=image_size,
+        resize_size=resize_size,
+        channels=channels,
+    )
     norm = parse_normalize(normalize)
     text = str(spec)
-    path = Path(text)
-    if image_size is not None and not path.is_dir():
-        raise BrnError(
-            f"--image-size applies to ImageFolder directories; prepare {path.name} at the size the model needs"
-        )
-    if channels is not None and not path.is_dir():
-        raise BrnError(f"--channels applies to image folders; the examples of {text} keep their own channels")
-    if path.suffix == ".npz" or (path.is_file() and not path.is_dir()):
-        if not path.exists():
-            raise BrnError(f"--data {text}: no such file")
-        return _load_npz(path, val_split, norm, seed)
-    if path.is_dir():
-        return _load_image_folder(path, val_split, norm, seed, image_size, resize_size, channels)
-    if ":" in text and not path.exists():
-        return _load_callable(text, val_split, norm, seed)
-    raise BrnError(
-        f"--data {text}: not an .npz file, a directory with train/ and val/, or package.module:callable"
-    )
+    if kind == "npz":
+        return _load_npz(Path(text), val_split, norm, seed)
+    if kind == "folder":
+        return _load_image_folder(Path(text), val_split, norm, seed, image_size, resize_size, channels)
+    return _load_callable(text, val_split, norm, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,7 +608,7 @@ def fit_data_to_model(
     output = _probe_forward(model, _first_examples(dataset, bundle.source), bundle)
     if not labels:
         return
-    from brn_cli.evaluation.evaluate import model_logits
+    from brn_cli.nn.outputs import model_logits
 
     width = int(model_logits(output).shape[1])
     used = bundle.train_labels if split == "train" else bundle.val_labels
@@ -704,7 +689,7 @@ def _mismatch(bundle: DataBundle, first: list, exc: Exception) -> str:
         ):
             hint = ""
             if bundle.images is not None and layer.in_channels in IMAGE_CHANNELS:
-                hint = f" (pass --channels {layer.in_channels})"
+                hint = f" (pass `channels={layer.in_channels}`)"
             return (
                 f"{bundle.source}: the examples have {shape[1]} channels but the model's first layer ({name}) "
                 f"takes {layer.in_channels}{hint}"

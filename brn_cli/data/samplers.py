@@ -32,8 +32,8 @@ def parse_sampler(text: str) -> str:
             k = 0
         if k >= 1 and k_text.isdigit():
             return f"grouped:{k}"
-        raise BrnError(f"--sampler {text!r}: K in grouped:K must be a whole number >= 1")
-    raise BrnError(f"--sampler {text!r}: expected iid or grouped:K (K examples per label in each batch)")
+        raise BrnError(f"`sampler` {text!r}: K in grouped:K must be a whole number >= 1")
+    raise BrnError(f"`sampler` {text!r}: expected iid or grouped:K (K examples per label in each batch)")
 
 
 class LabelBatchSampler(Sampler[list[int]]):
@@ -49,6 +49,16 @@ class LabelBatchSampler(Sampler[list[int]]):
     contiguous (so each rank's slice holds whole groups). Examples of a class are taken from a per-class
     shuffled pool that is refilled when fewer than K remain, so an epoch covers the data roughly evenly.
     Batches per epoch: len(labels) // global batch.
+
+    Example (P x K batches: 3 labels x 4 examples each)::
+
+        >>> import torch
+        >>> from brn_cli import LabelBatchSampler
+        >>> labels = torch.arange(60) % 10
+        >>> sampler = LabelBatchSampler(labels, 12, "grouped:4", seed=0)
+        >>> batch = next(iter(sampler))  # DataLoader(dataset, batch_sampler=sampler) yields these
+        >>> [len(set(labels[batch[i : i + 4]].tolist())) for i in range(0, 12, 4)], len(sampler)
+        ([1, 1, 1], 5)
     """
 
     def __init__(
@@ -69,7 +79,7 @@ class LabelBatchSampler(Sampler[list[int]]):
         self.rank = int(rank)
         self.epoch = 0
         if self.batch_size < 1:
-            raise BrnError(f"--batch-size must be >= 1, got {batch_size}")
+            raise BrnError(f"`batch_size` must be >= 1, got {batch_size}")
         if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
             raise BrnError(f"rank {rank} is not in 0..{num_replicas - 1}")
         n = len(self.labels)
@@ -84,7 +94,7 @@ class LabelBatchSampler(Sampler[list[int]]):
         if self.k:
             if self.batch_size % self.k:
                 raise BrnError(
-                    f"--batch-size {self.batch_size} is not a multiple of K={self.k} ({self.mode})"
+                    f"`batch_size` {self.batch_size} is not a multiple of K={self.k} ({self.mode})"
                 )
             counts = torch.bincount(self.labels)
             present = torch.nonzero(counts).flatten()
@@ -161,7 +171,7 @@ def make_loader(
 def eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """Every example once, in order (the last batch may be smaller): for inference-mode evaluation."""
     if batch_size < 1:
-        raise BrnError(f"--batch-size must be >= 1, got {batch_size}")
+        raise BrnError(f"`batch_size` must be >= 1, got {batch_size}")
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise BrnError("the dataset is empty")

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,6 @@ class OnnxExportReport:
     verify: VerifyReport | None = None
     benchmark: BenchmarkResult | None = None
     written: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def batchnorm_nodes(self) -> int:
@@ -199,7 +199,6 @@ class OnnxExportReport:
             "external_data": self.external_data,
             "verify": self.verify.to_dict() if self.verify is not None else None,
             "benchmark": self.benchmark.to_dict() if self.benchmark is not None else None,
-            "notes": self.notes,
         }
 
 
@@ -287,7 +286,8 @@ def export_onnx_checked(
     step = step or (lambda _text: None)
     target = check_writable(output, force=force)
     if benchmark and not fold:
-        raise BrnError("--benchmark compares the folded graph with an unfolded one; drop --no-fold")
+        raise BrnError("`benchmark` compares the folded graph with an unfolded one; drop `fold=False`")
+    _check_export_settings(opset=opset, exporter=exporter, atol=atol, rtol=rtol)
     shape = [int(s) for s in input_shape]
     if len(shape) < 2:
         raise BrnError(f"input shape {shape}: need at least (batch, features)")
@@ -314,6 +314,30 @@ def export_onnx_checked(
         model.train(was_training)
 
 
+# The opsets torch's exporters write: 7 is the oldest either accepts; the TorchScript (legacy) exporter stops
+# at 20, the dynamo exporter at the newest opset the installed onnx package knows.
+MIN_OPSET = 7
+LEGACY_MAX_OPSET = 20
+
+
+def _check_export_settings(*, opset: int, exporter: str, atol: float | None, rtol: float | None) -> None:
+    """Refuse, before any work, an opset the exporter cannot write or a tolerance no result could meet."""
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise BrnError(
+            f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}", param="exporter"
+        )
+    newest = LEGACY_MAX_OPSET if exporter == "legacy" else onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise BrnError(
+            f"`opset` {opset}: the {exporter} exporter writes opsets {MIN_OPSET} to {newest}", param="opset"
+        )
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BrnError(f"`{name}` must be a finite number >= 0, got {value}", param=name)
+
+
 def _export_onnx_checked(
     reference: nn.Module,
     shape: list[int],
@@ -332,39 +356,12 @@ def _export_onnx_checked(
     step: Callable[[str], None],
     external_data_threshold: int,
 ) -> OnnxExportReport:
-    model = reference
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    example = torch.randn(max(2, shape[0]), *shape[1:], dtype=dtype)  # batch >= 2 keeps the axis dynamic
-    try:
-        with torch.no_grad():
-            if not flat_outputs(reference(example)):
-                raise BrnError("the model returns no tensor; nothing to export")
-    except BrnError:
-        raise
-    except Exception as exc:
-        raise BrnError(
-            f"the model does not run on input shape {shape} ({type(exc).__name__}: "
-            f"{first_line(exc)}); pass the right --input-shape"
-        ) from None
-
-    fold_result: FoldResult | None = None
-    if fold:
-        step("folding norms")
-        try:
-            fold_result = fold_model(model, (example,))
-        except TraceError as exc:
-            raise BrnError(f"{exc}; pass --no-fold to export without folding") from None
-        export_model = fold_result.model
-    else:
-        export_model = copy.deepcopy(model).eval()
-    if fp16:
-        export_model = export_model.half()
-        example = example.half()
+    example = _example_input(reference, shape)
+    export_model, example, fold_result = _model_to_export(reference, example, fold=fold, fp16=fp16, step=step)
     default_atol, default_rtol = default_tolerances(fp16)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     external = _model_bytes(export_model) > external_data_threshold
-
     report = OnnxExportReport(
         output=str(target),
         exporter=exporter,
@@ -380,26 +377,7 @@ def _export_onnx_checked(
     try:
         with _staged_output(target, external=external, force=force) as tmp:
             step(f"exporting ({exporter} exporter, opset {opset})")
-            try:
-                report.export_seconds = _export_to(
-                    export_model,
-                    example,
-                    tmp,
-                    external=external,
-                    opset=opset,
-                    exporter=exporter,
-                    keep_batchnorm=not fold,
-                )
-            except BrnError:
-                raise
-            except Exception as exc:
-                raise BrnError(
-                    f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {first_line(exc)}"
-                ) from None
-            report.size_bytes = sum(p.stat().st_size for p in (tmp, _external_data_path(tmp)) if p.exists())
-            report.op_counts = onnx_op_counts(tmp)
-            if batchnorm_training_nodes(tmp):
-                raise BrnError("the exported graph has BatchNormalization in training mode; nothing written")
+            _export_into(report, export_model, example, tmp, keep_batchnorm=not fold)
             if verify:
                 step("verifying with onnxruntime")
                 report.verify = verify_onnx(tmp, reference, shape, atol=atol, rtol=rtol)
@@ -407,18 +385,107 @@ def _export_onnx_checked(
                     raise _VerificationFailed
             if benchmark:
                 step("benchmarking folded against unfolded")
-                with tempfile.TemporaryDirectory(prefix="brn-bench-") as scratch:
-                    unfolded = Path(scratch) / "unfolded.onnx"
-                    plain = copy.deepcopy(model).eval()
-                    if fp16:
-                        plain = plain.half()
-                    export_onnx(plain, example, unfolded, opset=opset, exporter=exporter, keep_batchnorm=True)
-                    report.benchmark = benchmark_onnx(
-                        {"folded": tmp, "unfolded": unfolded},
-                        [max(1, shape[0]), *shape[1:]],
-                        repeats=benchmark_repeats,
-                    )
+                report.benchmark = _benchmark_against_unfolded(
+                    reference,
+                    example,
+                    tmp,
+                    shape,
+                    fp16=fp16,
+                    opset=opset,
+                    exporter=exporter,
+                    repeats=benchmark_repeats,
+                )
         report.written = True
     except _VerificationFailed:
         report.written = False
     return report
+
+
+def _example_input(model: nn.Module, shape: list[int]) -> torch.Tensor:
+    """A random input of `shape` in the model's dtype, checked to run; its batch is at least 2, so the exporter
+    cannot specialise the batch axis to 1."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    example = torch.randn(max(2, shape[0]), *shape[1:], dtype=dtype)
+    try:
+        with torch.no_grad():
+            if not flat_outputs(model(example)):
+                raise BrnError("the model returns no tensor; nothing to export")
+    except BrnError:
+        raise
+    except Exception as exc:
+        raise BrnError(
+            f"the model does not run on input shape {shape} ({type(exc).__name__}: "
+            f"{first_line(exc)}); pass the right `input_shape`"
+        ) from None
+    return example
+
+
+def _model_to_export(
+    model: nn.Module, example: torch.Tensor, *, fold: bool, fp16: bool, step: Callable[[str], None]
+) -> tuple[nn.Module, torch.Tensor, FoldResult | None]:
+    """(the model to export, its example input, the fold result): a folded copy of `model`, or a plain copy
+    with ``fold=False``; cast to float16 after folding, so the folding arithmetic stays in full precision."""
+    fold_result: FoldResult | None = None
+    if fold:
+        step("folding norms")
+        try:
+            fold_result = fold_model(model, (example,))
+        except TraceError as exc:
+            raise BrnError(f"{exc}; pass `fold=False` to export without folding", param="fold") from None
+        export_model = fold_result.model
+    else:
+        export_model = copy.deepcopy(model).eval()
+    if fp16:
+        export_model = export_model.half()
+        example = example.half()
+    return export_model, example, fold_result
+
+
+def _export_into(
+    report: OnnxExportReport, model: nn.Module, example: torch.Tensor, staged: Path, *, keep_batchnorm: bool
+) -> None:
+    """Export `model` into `staged` and record the time, size and op counts in `report`; refuses a graph that
+    would normalize with batch statistics."""
+    try:
+        report.export_seconds = _export_to(
+            model,
+            example,
+            staged,
+            external=report.external_data,
+            opset=report.opset,
+            exporter=report.exporter,
+            keep_batchnorm=keep_batchnorm,
+        )
+    except BrnError:
+        raise
+    except Exception as exc:
+        raise BrnError(
+            f"torch.onnx.export ({report.exporter}) failed: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
+    report.size_bytes = sum(p.stat().st_size for p in (staged, _external_data_path(staged)) if p.exists())
+    report.op_counts = onnx_op_counts(staged)
+    if batchnorm_training_nodes(staged):
+        raise BrnError("the exported graph has BatchNormalization in training mode; nothing written")
+
+
+def _benchmark_against_unfolded(
+    model: nn.Module,
+    example: torch.Tensor,
+    folded: Path,
+    shape: list[int],
+    *,
+    fp16: bool,
+    opset: int,
+    exporter: str,
+    repeats: int,
+) -> BenchmarkResult:
+    """ORT latency of the `folded` file against an unfolded export of `model` (BatchNormalization kept)."""
+    with tempfile.TemporaryDirectory(prefix="brn-bench-") as scratch:
+        unfolded = Path(scratch) / "unfolded.onnx"
+        plain = copy.deepcopy(model).eval()
+        if fp16:
+            plain = plain.half()
+        export_onnx(plain, example, unfolded, opset=opset, exporter=exporter, keep_batchnorm=True)
+        return benchmark_onnx(
+            {"folded": folded, "unfolded": unfolded}, [max(1, shape[0]), *shape[1:]], repeats=repeats
+        )

@@ -28,15 +28,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from brn_cli.deploy.graph import FoldSite, find_fold_sites, trace
-from brn_cli.nn.layer import BatchRenormNd
-from brn_cli.nn.norms import is_norm_with_stats
+from brn_cli.nn.norms import (
+    has_running_stats,
+    is_renorm,
+    is_timm_norm_act,
+    is_torch_batch_norm,
+    runs_torch_batch_norm_forward,
+    set_submodule,
+)
 
 __all__ = ["ChannelScaleShift", "FoldResult", "fold_model", "norm_scale_shift"]
-
-_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
 
 
 class ChannelScaleShift(nn.Module):
@@ -110,15 +113,9 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
 
 def _unknown_behaviour(norm: nn.Module) -> str | None:
     """Why `norm` is not a plain (norm [+ drop + act]) module, or None when it is."""
-    if isinstance(norm, BatchRenormNd):
+    if is_renorm(norm) or is_timm_norm_act(norm) or runs_torch_batch_norm_forward(norm):
         return None
-    cls = type(norm)
-    if cls.__name__ in _TIMM_NORM_ACT and cls.__module__.startswith("timm."):
-        return None
-    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-        if isinstance(norm, base) and cls.forward in (base.forward, _BatchNorm.forward):
-            return None
-    return f"{cls.__qualname__} overrides forward(); left unchanged"
+    return f"{type(norm).__qualname__} overrides forward(); left unchanged"
 
 
 def _remainder(norm: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -152,12 +149,6 @@ def _fold_into(producer: nn.Module, norm: nn.Module) -> None:
         producer.bias.copy_(b.to(producer.bias.dtype))
     else:
         producer.bias = nn.Parameter(b.to(device=weight.device, dtype=weight.dtype))
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _producer_problem(producer: nn.Module) -> str | None:
@@ -201,15 +192,15 @@ def fold_model(model: nn.Module, example_inputs: Sequence[Tensor] | None = None)
                     if drop is None and act is None
                     else _DropAct(drop or nn.Identity(), act or nn.Identity())
                 )
-                _set_submodule(work, site.norm, rest)
+                set_submodule(work, site.norm, rest)
                 result.folded.append((site.norm, site.producer))
                 continue
         s, t = norm_scale_shift(norm)
         dtype = norm.running_mean.dtype
-        _set_submodule(work, site.norm, ChannelScaleShift(s.to(dtype), t.to(dtype), drop, act))
+        set_submodule(work, site.norm, ChannelScaleShift(s.to(dtype), t.to(dtype), drop, act))
         result.kept.append((site.norm, reason or "no foldable producer"))
     for name, module in work.named_modules():
-        if isinstance(module, _BatchNorm) and not is_norm_with_stats(module):
+        if is_torch_batch_norm(module) and not has_running_stats(module):
             result.kept.append(
                 (name, "no running statistics: normalizes with batch statistics at inference; left unchanged")
             )

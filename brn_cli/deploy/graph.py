@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from brn_cli.errors import first_line
-from brn_cli.nn.layer import BatchRenormNd
-from brn_cli.nn.norms import is_norm_with_stats
+from brn_cli.nn.norms import has_running_stats, is_batch_norm
 
 FOLDABLE_PRODUCERS = (
     nn.Conv1d,
@@ -45,7 +43,7 @@ class LeafTracer(fx.Tracer):
     """fx tracer that keeps norms, convs and linears (and torch.nn's own modules) as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (BatchRenormNd, _BatchNorm, *FOLDABLE_PRODUCERS)):
+        if is_batch_norm(m) or isinstance(m, FOLDABLE_PRODUCERS):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -113,27 +111,8 @@ def find_fold_sites(
     output features (a 2-D output). Raises :class:`TraceError` when the model cannot be traced.
     """
     gm = gm if gm is not None else trace(model)
-    # Shapes only matter for Linear producers; skip the (full forward) propagation when there are none.
-    feeds_from_linear = any(
-        n.op == "call_module"
-        and is_norm_with_stats(gm.get_submodule(n.target))
-        and n.args
-        and isinstance(n.args[0], fx.Node)
-        and n.args[0].op == "call_module"
-        and isinstance(gm.get_submodule(n.args[0].target), nn.Linear)
-        for n in gm.graph.nodes
-    )
-    if example_inputs is not None and feeds_from_linear:
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        was_training = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*example_inputs)
-        finally:
-            gm.train(was_training)
-
+    if example_inputs is not None and _feeds_from_linear(gm):
+        _propagate_shapes(gm, example_inputs)
     module_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     output_nodes: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -143,57 +122,76 @@ def find_fold_sites(
     sites: list[FoldSite] = []
     seen: set[str] = set()
     for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        norm = gm.get_submodule(node.target)
-        if not is_norm_with_stats(norm):
+        if node.op != "call_module" or not has_running_stats(gm.get_submodule(node.target)):
             continue
         name = str(node.target)
         if name in seen:
             continue
         seen.add(name)
-        site = FoldSite(norm=name, producer=None, node=node.name)
-        sites.append(site)
-        if module_calls[node.target] > 1:
-            site.reason = f"the norm is called {module_calls[node.target]} times"
-            continue
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            site.reason = "its input is not a traced tensor"
-            continue
-        src = node.args[0]
-        if src.op != "call_module" or not isinstance(gm.get_submodule(src.target), FOLDABLE_PRODUCERS):
-            site.reason = f"its input comes from {_describe(src, gm)}, not a conv or linear"
-            continue
-        producer = gm.get_submodule(src.target)
-        if module_calls[src.target] > 1:
-            site.reason = (
-                f"producer {src.target!r} is called {module_calls[src.target]} times (shared weights)"
-            )
-            continue
-        other_users = [u for u in src.users if u is not node]
-        if other_users:
-            site.reason = f"producer {src.target!r} output also feeds " + ", ".join(
-                _describe(u, gm) for u in other_users[:3]
-            )
-            continue
-        if src in output_nodes:
-            site.reason = f"producer {src.target!r} output is also a model output"
-            continue
-        channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-        if channels != norm.num_features:
-            site.reason = (
-                f"producer {src.target!r} has {channels} outputs, the norm {norm.num_features} channels"
-            )
-            continue
-        if isinstance(producer, nn.Linear):
-            rank = _linear_output_rank(src)
-            if rank is None:
-                site.reason = "Linear producer: pass an example input so shapes can confirm the norm runs over its features"
-                continue
-            if rank != 2:
-                site.reason = (
-                    f"Linear output is {rank}-D: the norm's channel axis is not the Linear's features"
-                )
-                continue
-        site.producer = str(src.target)
+        reason = _fold_problem(node, gm, module_calls, output_nodes)
+        producer = str(node.args[0].target) if reason is None else None
+        sites.append(FoldSite(norm=name, producer=producer, reason=reason, node=node.name))
     return sites
+
+
+def _feeds_from_linear(gm: fx.GraphModule) -> bool:
+    """Whether a norm with running statistics takes its input straight from a Linear module."""
+    return any(
+        n.op == "call_module"
+        and has_running_stats(gm.get_submodule(n.target))
+        and n.args
+        and isinstance(n.args[0], fx.Node)
+        and n.args[0].op == "call_module"
+        and isinstance(gm.get_submodule(n.args[0].target), nn.Linear)
+        for n in gm.graph.nodes
+    )
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Record each node's output shape (one eval-mode forward). Only Linear producers need shapes, so callers
+    skip this full forward when no norm follows a Linear."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        gm.train(was_training)
+
+
+def _fold_problem(
+    node: fx.Node, gm: fx.GraphModule, module_calls: Counter, output_nodes: set[fx.Node]
+) -> str | None:
+    """Why the norm called at `node` cannot fold into the module that produces its input; None if it can."""
+    norm = gm.get_submodule(node.target)
+    if module_calls[node.target] > 1:
+        return f"the norm is called {module_calls[node.target]} times"
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return "its input is not a traced tensor"
+    src = node.args[0]
+    if src.op != "call_module" or not isinstance(gm.get_submodule(src.target), FOLDABLE_PRODUCERS):
+        return f"its input comes from {_describe(src, gm)}, not a conv or linear"
+    producer = gm.get_submodule(src.target)
+    if module_calls[src.target] > 1:
+        return f"producer {src.target!r} is called {module_calls[src.target]} times (shared weights)"
+    other_users = [u for u in src.users if u is not node]
+    if other_users:
+        return f"producer {src.target!r} output also feeds " + ", ".join(
+            _describe(u, gm) for u in other_users[:3]
+        )
+    if src in output_nodes:
+        return f"producer {src.target!r} output is also a model output"
+    channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    if channels != norm.num_features:
+        return f"producer {src.target!r} has {channels} outputs, the norm {norm.num_features} channels"
+    if isinstance(producer, nn.Linear):
+        rank = _linear_output_rank(src)
+        if rank is None:
+            return (
+                "Linear producer: pass an example input so shapes can confirm the norm runs over its features"
+            )
+        if rank != 2:
+            return f"Linear output is {rank}-D: the norm's channel axis is not the Linear's features"
+    return None

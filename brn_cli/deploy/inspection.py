@@ -8,20 +8,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from brn_cli.deploy.graph import TraceError, find_fold_sites
 from brn_cli.nn.convert import infer_input_shape
-from brn_cli.nn.layer import BatchRenormNd
+from brn_cli.nn.norms import is_inspected_norm, is_per_example_norm, is_renorm
 from brn_cli.storage.checkpoint import LoadedCheckpoint
-
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    _BatchNorm,
-    BatchRenormNd,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
 
 
 @dataclass
@@ -52,13 +43,6 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, NORM_TYPES):
-        return True
-    # Frozen batch norms (torchvision, timm) are plain per-channel affine maps with BN-named buffers.
-    return "FrozenBatchNorm" in type(module).__name__
 
 
 def stats_health(module: nn.Module) -> str:
@@ -107,7 +91,7 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
             report.trace_error = f"shape propagation failed ({type(exc).__name__}); Linear folds unconfirmed"
 
     for name, module in model.named_modules():
-        if not _is_norm(module):
+        if not is_inspected_norm(module):
             continue
         channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
         if channels is None and isinstance(module, nn.LayerNorm):
@@ -119,8 +103,8 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
             channels=int(channels) if channels is not None else None,
             eps=float(module.eps) if hasattr(module, "eps") else None,
             momentum=float(momentum) if momentum is not None else None,
-            rmax=float(module.rmax) if isinstance(module, BatchRenormNd) else None,
-            dmax=float(module.dmax) if isinstance(module, BatchRenormNd) else None,
+            rmax=float(module.rmax) if is_renorm(module) else None,
+            dmax=float(module.dmax) if is_renorm(module) else None,
             health=stats_health(module),
         )
         site = sites.get(name)
@@ -128,7 +112,7 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
             norm.fold_into, norm.fold_reason = site.producer, site.reason
         elif norm.health == "no running stats":
             norm.fold_reason = "no running statistics (normalizes with batch statistics at inference)"
-        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)):
+        elif is_per_example_norm(module):
             norm.fold_reason = f"{type(module).__name__} normalizes per example: not a fixed affine map"
         elif report.trace_error:
             norm.fold_reason = "graph not traced"

@@ -30,13 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from brn_cli.errors import BrnError
-from brn_cli.evaluation.evaluate import progress_bar
 from brn_cli.nn.norms import norm_layers
+from brn_cli.progress import Progress, or_null
 
 __all__ = [
     "LayerShift",
     "calibrate",
     "calibrate_data",
+    "calibrate_inputs",
 ]
 
 
@@ -110,16 +111,17 @@ def calibrate(
     *,
     num_batches: int,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> list[LayerShift]:
     """Set running_mean / running_var of every norm layer to exact statistics over `num_batches` batches.
 
     See the module docstring for the order and the math. The model is moved to `device`, run under
     no_grad in eval mode, and returned to its training flags. Returns one :class:`LayerShift` per
     calibrated layer, in calibration order. Layers that never run on this data are left as they were.
+    `progress` hears of each batch of each layer's pass.
     """
     if num_batches < 1:
-        raise BrnError(f"--batches must be >= 1, got {num_batches}")
+        raise BrnError(f"`num_batches` must be >= 1, got {num_batches}")
     dev = torch.device(device)
     model.to(dev)
     layers = norm_layers(model)
@@ -128,69 +130,116 @@ def calibrate(
     name_of = {id(m): n for n, m in layers}
     flags = {m: m.training for m in model.modules()}
     model.eval()
+    progress = or_null(progress)
     try:
         with torch.no_grad():
-            # Probe pass: the order in which layers first run, and how often each runs per forward.
-            order: list[nn.Module] = []
-            calls: dict[int, int] = {}
-
-            def probe(module: nn.Module, _args: Any) -> None:
-                if id(module) not in calls:
-                    order.append(module)
-                calls[id(module)] = calls.get(id(module), 0) + 1
-
-            handles = [m.register_forward_pre_hook(probe) for _, m in layers]
-            try:
-                fingerprints = []
-                for x in _batches(loader, num_batches):
-                    fingerprints.append(float(x.double().sum()))
-                    if len(fingerprints) == 1:
-                        model(x.to(dev))
-            finally:
-                for h in handles:
-                    h.remove()
-            if not fingerprints:
-                raise BrnError("no batches to calibrate on: the data is empty")
-            if not order:
-                raise BrnError("no norm layer ran on this data")
-
+            run = _probe_layer_order(model, [m for _, m in layers], _batches(loader, num_batches), dev)
             shifts: list[LayerShift] = []
-            with progress_bar(progress) as bar:
-                task = (
-                    bar.add_task("calibrate", total=len(order) * len(fingerprints))
-                    if bar is not None
-                    else None
-                )
-                for module in order:
-                    moments = _Moments()
-                    stop_early = calls[id(module)] == 1
-
-                    def capture(_module: nn.Module, args: Any, moments=moments, stop=stop_early) -> None:
-                        moments.add(args[0])
-                        if stop:
-                            raise _StopForward
-
-                    handle = module.register_forward_pre_hook(capture)
-                    try:
-                        for i, x in enumerate(_batches(loader, num_batches)):
-                            if i >= len(fingerprints) or float(x.double().sum()) != fingerprints[i]:
-                                raise BrnError(
-                                    "the data loader gave different batches on a second pass; calibration "
-                                    "needs a deterministic loader"
-                                )
-                            try:
-                                model(x.to(dev))
-                            except _StopForward:
-                                pass
-                            if bar is not None:
-                                bar.advance(task)
-                    finally:
-                        handle.remove()
+            progress.start("calibrate", len(run.order) * len(run.fingerprints))
+            try:
+                for index, module in enumerate(run.order):
+                    batches = _same_batches(_batches(loader, num_batches), run.fingerprints)
+                    moments = _measure_inputs(
+                        model,
+                        module,
+                        batches,
+                        dev,
+                        stop_early=run.calls[module] == 1,
+                        progress=progress,
+                        done=index * len(run.fingerprints),
+                    )
                     shifts.append(_apply(name_of[id(module)], module, moments))
+            finally:
+                progress.stop()
     finally:
         for m, flag in flags.items():
             m.train(flag)
     return shifts
+
+
+@dataclass
+class _LayerOrder:
+    """What one forward pass tells about the norm layers: the order in which they first run, how often
+    each runs per forward, and a fingerprint of every batch (to check later passes see the same data)."""
+
+    order: list[nn.Module]
+    calls: dict[nn.Module, int]
+    fingerprints: list[float]
+
+
+def _fingerprint(x: Tensor) -> float:
+    return float(x.double().sum())
+
+
+def _probe_layer_order(
+    model: nn.Module, layers: list[nn.Module], batches: Iterable[Tensor], dev: torch.device
+) -> _LayerOrder:
+    """Run the first batch once with a hook on every layer; fingerprint every batch."""
+    run = _LayerOrder(order=[], calls={}, fingerprints=[])
+
+    def probe(module: nn.Module, _args: Any) -> None:
+        if module not in run.calls:
+            run.order.append(module)
+        run.calls[module] = run.calls.get(module, 0) + 1
+
+    handles = [m.register_forward_pre_hook(probe) for m in layers]
+    try:
+        for x in batches:
+            run.fingerprints.append(_fingerprint(x))
+            if len(run.fingerprints) == 1:
+                model(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    if not run.fingerprints:
+        raise BrnError("no batches to calibrate on: the data is empty")
+    if not run.order:
+        raise BrnError("no norm layer ran on this data")
+    return run
+
+
+def _same_batches(batches: Iterable[Tensor], fingerprints: list[float]) -> Iterable[Tensor]:
+    """The batches of a later pass, checked against the probe pass's fingerprints."""
+    for i, x in enumerate(batches):
+        if i >= len(fingerprints) or _fingerprint(x) != fingerprints[i]:
+            raise BrnError(
+                "the data loader gave different batches on a second pass; calibration "
+                "needs a deterministic loader"
+            )
+        yield x
+
+
+def _measure_inputs(
+    model: nn.Module,
+    module: nn.Module,
+    batches: Iterable[Tensor],
+    dev: torch.device,
+    *,
+    stop_early: bool,
+    progress: Progress,
+    done: int,
+) -> _Moments:
+    """The moments of `module`'s input over `batches`. With `stop_early` (the layer runs once per
+    forward) each forward stops as soon as the input is captured: the layers after it need not run.
+    `progress` counts on from `done` batches, one per batch."""
+    moments = _Moments()
+
+    def capture(_module: nn.Module, args: Any) -> None:
+        moments.add(args[0])
+        if stop_early:
+            raise _StopForward
+
+    handle = module.register_forward_pre_hook(capture)
+    try:
+        for i, x in enumerate(batches, start=1):
+            try:
+                model(x.to(dev))
+            except _StopForward:
+                pass
+            progress.update(done + i)
+    finally:
+        handle.remove()
+    return moments
 
 
 def _apply(name: str, module: nn.Module, moments: _Moments) -> LayerShift:
@@ -222,7 +271,7 @@ def calibrate_data(
     split: str = "train",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[list[LayerShift], int]:
     """Calibrate on `num_batches` i.i.d. batches of a DataBundle's train (or val) split.
 
@@ -233,16 +282,16 @@ def calibrate_data(
     from brn_cli.data.samplers import LabelBatchSampler, make_loader
 
     if split not in ("train", "val"):
-        raise BrnError(f"--split must be train or val, got {split!r}")
+        raise BrnError(f"`split` must be train or val, got {split!r}")
     dataset, labels = (
         (bundle.train, bundle.train_labels) if split == "train" else (bundle.val, bundle.val_labels)
     )
     if dataset is None:
         raise BrnError(
-            "the data has no validation split: add x_val/y_val, a val/ folder, or pass --val-split"
+            "the data has no validation split: add x_val/y_val, a val/ folder, or pass `val_split`"
         )
     if num_batches < 1:
-        raise BrnError(f"--batches must be >= 1, got {num_batches}")
+        raise BrnError(f"`num_batches` must be >= 1, got {num_batches}")
     fit_data_to_model(model, bundle, split=split, labels=False)
     sampler = LabelBatchSampler(labels, batch_size, "iid", seed=seed)  # same batches on every pass
     used = min(num_batches, len(sampler))
@@ -250,3 +299,48 @@ def calibrate_data(
         model, make_loader(dataset, sampler), num_batches=used, device=device, progress=progress
     )
     return shifts, used
+
+
+def calibrate_inputs(
+    model: nn.Module,
+    inputs: Iterable,
+    *,
+    num_batches: int | None = None,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> list[LayerShift]:
+    """:func:`calibrate` from any iterable of model inputs, shuffling loaders included; no labels needed.
+
+    Each item is an input tensor or a tuple/list whose first element is (``(x, y)`` from a DataLoader; the
+    rest is ignored). The first `num_batches` items (default: all) are read once and held in memory, so
+    every pass sees the same batches whatever order the loader draws them in. `device` defaults to the
+    device of the model's parameters. Returns one :class:`LayerShift` per calibrated layer.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from brn_cli import BatchRenorm1d, calibrate
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), BatchRenorm1d(4))
+        >>> data = TensorDataset(torch.randn(64, 3), torch.zeros(64))
+        >>> shifts = calibrate(model, DataLoader(data, batch_size=16, shuffle=True), num_batches=4)
+        >>> [s.name for s in shifts], shifts[0].examples
+        (['1'], 64)
+    """
+    if num_batches is not None and num_batches < 1:
+        raise BrnError(f"`num_batches` must be >= 1, got {num_batches}", param="num_batches")
+    held = []
+    for item in inputs:
+        if num_batches is not None and len(held) >= num_batches:
+            break
+        x = item[0] if isinstance(item, (tuple, list)) and item else item
+        if not isinstance(x, Tensor):
+            raise BrnError(
+                f"calibration input {len(held)} is a {type(x).__name__}; expected a tensor or (tensor, ...)",
+                param="inputs",
+            )
+        held.append(x.detach())
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else "cpu"
+    return calibrate(model, held, num_batches=max(len(held), 1), device=device, progress=progress)

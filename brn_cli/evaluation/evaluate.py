@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from brn_cli.errors import BrnError
-from brn_cli.nn.norms import is_norm_layer
+from brn_cli.nn.norms import is_renorm, norm_layers
+from brn_cli.nn.outputs import model_logits
+from brn_cli.progress import Progress, or_null
 
 __all__ = [
     "EvalResult",
@@ -31,7 +33,6 @@ __all__ = [
     "default_batch_size",
     "evaluate",
     "evaluate_data",
-    "model_logits",
 ]
 
 
@@ -57,18 +58,14 @@ def batch_statistics_mode(model: nn.Module) -> Iterator[nn.Module]:
     of the norm layers (running_mean, running_var, num_batches_tracked, telemetry) and every changed
     attribute and training flag is restored exactly on exit, even on error.
     """
-    from brn_cli.nn.layer import BatchRenormNd
-
     flags = {m: m.training for m in model.modules()}
     saved: list[tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]] = []
     try:
         model.eval()
-        for module in model.modules():
-            if not is_norm_layer(module):
-                continue
+        for _, module in norm_layers(model, with_stats=False):
             buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False) if b is not None}
             attrs: dict[str, Any] = {}
-            if isinstance(module, BatchRenormNd):
+            if is_renorm(module):
                 attrs = {"rmax": module.rmax, "dmax": module.dmax, "microbatch": module.microbatch}
                 module.rmax, module.dmax, module.microbatch = 1.0, 0.0, None
             saved.append((module, buffers, attrs))
@@ -85,48 +82,13 @@ def batch_statistics_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.train(flag)
 
 
-def model_logits(output: Any) -> torch.Tensor:
-    """The class scores of a model output: a tensor, the first item of a tuple, or a dict's 'logits'."""
-    if isinstance(output, torch.Tensor):
-        logits = output
-    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    elif isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
-        logits = output["logits"]
-    else:
-        raise BrnError(f"the model returned {type(output).__name__}; expected class scores [batch, classes]")
-    if logits.dim() != 2:
-        raise BrnError(
-            f"the model returned shape {list(logits.shape)}; expected class scores [batch, classes]"
-        )
-    return logits
-
-
 def _autocast(device: torch.device, amp: str):
     if amp in ("off", "", None):
         return contextlib.nullcontext()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if amp not in dtypes:
-        raise BrnError(f"--amp must be off, bf16 or fp16, got {amp!r}")
+        raise BrnError(f"`amp` must be off, bf16 or fp16, got {amp!r}")
     return torch.autocast(device_type=device.type, dtype=dtypes[amp])
-
-
-def progress_bar(enabled: bool):
-    """A transient Rich progress bar on stderr, or a null context yielding None."""
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # On stderr, so that --json output on stdout stays clean.
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        console=Console(stderr=True),
-    )
 
 
 def evaluate(
@@ -137,13 +99,14 @@ def evaluate(
     batch_stats: bool = False,
     amp: str = "off",
     channels_last: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> EvalResult:
     """Mean cross-entropy and top-1 accuracy of `model` over the (x, y) batches of `loader`.
 
     Inference mode (``model.eval()``) by default; ``batch_stats=True`` normalizes with each minibatch's
     statistics instead (see :func:`batch_statistics_mode`), running statistics left untouched. The model is
-    moved to `device`; its training flags are restored afterwards. No gradients.
+    moved to `device`; its training flags are restored afterwards. No gradients. `progress` hears of
+    each batch.
     """
     dev = torch.device(device)
     model.to(dev)
@@ -160,11 +123,12 @@ def evaluate(
         total = None
     flags = {m: m.training for m in model.modules()}
     ctx = batch_statistics_mode(model) if batch_stats else contextlib.nullcontext(model)
+    progress = or_null(progress)
+    progress.start(f"evaluate ({mode})", total)
     try:
         if not batch_stats:
             model.eval()
-        with ctx, torch.no_grad(), progress_bar(progress) as bar:
-            task = bar.add_task(f"evaluate ({mode})", total=total) if bar is not None else None
+        with ctx, torch.no_grad():
             for x, y in loader:
                 x = x.to(dev, non_blocking=True)
                 y = torch.as_tensor(y).to(dev, non_blocking=True)
@@ -177,7 +141,7 @@ def evaluate(
                         if "Expected more than 1 value per channel" in str(exc):
                             raise BrnError(
                                 f"a batch of {len(x)} is too small for minibatch statistics; "
-                                "use a larger --batch-size"
+                                "use a larger `batch_size`"
                             ) from None
                         raise
                 logits = model_logits(output).float()
@@ -189,9 +153,9 @@ def evaluate(
                 correct += int((logits.argmax(1) == y).sum())
                 examples += len(y)
                 batches += 1
-                if bar is not None:
-                    bar.advance(task)
+                progress.update(batches)
     finally:
+        progress.stop()
         for module, flag in flags.items():
             module.train(flag)
     if examples == 0:
@@ -227,7 +191,7 @@ def evaluate_data(
     sampler: str = "iid",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate on a DataBundle's validation split: inference mode, plus batch-stats mode when asked.
 
@@ -244,7 +208,7 @@ def evaluate_data(
 
     if bundle.val is None:
         raise BrnError(
-            "the data has no validation split: add x_val/y_val, a val/ folder, or pass --val-split"
+            "the data has no validation split: add x_val/y_val, a val/ folder, or pass `val_split`"
         )
     sampler = parse_sampler(sampler)
     if batch_size is None:

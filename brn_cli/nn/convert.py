@@ -19,6 +19,7 @@ statistics and divides by sigma_B = sqrt(var_B + eps).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from brn_cli.errors import BrnError
+from brn_cli.errors import BrnError, VerificationError, first_line
 from brn_cli.nn.layer import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -37,6 +38,14 @@ from brn_cli.nn.layer import (
     BatchRenormAct,
     BatchRenormNd,
     describe_bad_running_stats,
+)
+from brn_cli.nn.norms import (
+    is_batch_norm,
+    is_timm_norm_act,
+    is_torch_batch_norm,
+    renorm_layers,
+    runs_torch_batch_norm_forward,
+    set_submodule,
 )
 from brn_cli.nn.outputs import flat_outputs
 
@@ -49,7 +58,6 @@ _PLAIN_TARGETS: dict[type, type[BatchRenormNd]] = {
 _LAYER_TYPES: dict[str, type[BatchRenormNd]] = {
     cls.__name__: cls for cls in (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormNd, BatchRenormAct)
 }
-_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
 
 
 @dataclass
@@ -67,23 +75,15 @@ class LayerDecision:
         return asdict(self)
 
 
-def _is_timm_norm_act(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ in _TIMM_NORM_ACT and cls.__module__.startswith("timm.")
-
-
 def _target_for(module: _BatchNorm) -> tuple[type[BatchRenormNd] | None, str | None]:
     """The renorm class for `module`, or (None, reason it is skipped)."""
     if not module.track_running_stats or module.running_mean is None or module.running_var is None:
         return None, "no running statistics (track_running_stats=False): nothing to renormalize towards"
-    if _is_timm_norm_act(module):
+    if is_timm_norm_act(module):
         return BatchRenormAct, None
     for base, target in _PLAIN_TARGETS.items():
         if isinstance(module, base):
-            own_forward = (
-                type(module).forward is not base.forward and type(module).forward is not _BatchNorm.forward
-            )
-            if own_forward:
+            if not runs_torch_batch_norm_forward(module):
                 return None, (
                     f"{type(module).__qualname__} overrides forward(); converting would drop its behaviour"
                 )
@@ -93,9 +93,9 @@ def _target_for(module: _BatchNorm) -> tuple[type[BatchRenormNd] | None, str | N
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str | None:
     if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
-        return "not matched by --include"
+        return "not matched by `include`"
     if exclude and any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-        return "matched by --exclude"
+        return "matched by `exclude`"
     return None
 
 
@@ -105,7 +105,7 @@ def plan_conversion(
     """Decide, for every BatchNorm module of `model`, whether it converts and to what."""
     decisions = []
     for name, module in model.named_modules():
-        if isinstance(module, BatchRenormNd) or not isinstance(module, _BatchNorm):
+        if not is_torch_batch_norm(module):
             continue
         target, reason = _target_for(module)
         if target is not None:
@@ -158,8 +158,36 @@ def check_convertible(model: nn.Module, decisions: Sequence[LayerDecision]) -> N
     raise BrnError(f"{name}: {what}; {advice}")
 
 
+def plan_checked(
+    model: nn.Module,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    source: str = "the model",
+    require_conversion: bool = True,
+) -> list[LayerDecision]:
+    """:func:`plan_conversion`, refusing in one line (naming `source`) a model with no BatchNorm layer to
+    convert, a plan that skips every layer (unless `require_conversion` is False: a dry run shows why), and
+    a layer a renorm layer cannot start from (:func:`check_convertible`)."""
+    decisions = plan_conversion(model, include=include, exclude=exclude)
+    if not decisions:
+        raise BrnError(
+            f"{source}: the model has no BatchNorm layers with running statistics; nothing to convert"
+        )
+    if require_conversion and not any(d.action == "convert" for d in decisions):
+        reasons = sorted({d.reason for d in decisions if d.reason})
+        raise BrnError(f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})")
+    check_convertible(model, decisions)
+    return decisions
+
+
 def renorm_from_batchnorm(
-    bn: _BatchNorm, target: type[BatchRenormNd], *, momentum: float, rmax: float = 1.0, dmax: float = 0.0
+    bn: _BatchNorm,
+    target: type[BatchRenormNd],
+    *,
+    momentum: float,
+    rmax: float | None = None,
+    dmax: float | None = None,
 ) -> BatchRenormNd:
     """A renorm layer with `bn`'s parameters and statistics (copied, not recomputed)."""
     ref = bn.running_mean
@@ -191,25 +219,20 @@ def renorm_from_batchnorm(
     return layer
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def convert_batchnorm(
     model: nn.Module,
     *,
     momentum: float = 0.01,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    rmax: float = 1.0,
-    dmax: float = 0.0,
+    rmax: float | None = None,
+    dmax: float | None = None,
 ) -> nn.Module:
     """Replace BatchNorm modules of `model` by Batch Renorm in place; returns `model`.
 
     Eval-mode outputs are unchanged. `include` / `exclude` are fnmatch globs on module names
-    (``layer1.*``). The new layers start at rmax=1, dmax=0 (batchnorm) unless told otherwise; `momentum`
+    (``layer1.*``). The new layers start at rmax=1, dmax=0 (batchnorm) unless told otherwise (and warn
+    at their first training forward if nothing, e.g. a RenormScheduler, set their limits by then); `momentum`
     is the paper's alpha. Use :func:`plan_conversion` to see what would convert and why not.
     A model that is itself a BatchNorm module is returned as a new renorm module. A layer set to convert
     whose eps or running statistics renorm cannot use raises BrnError naming it, with `model` untouched.
@@ -225,7 +248,7 @@ def convert_batchnorm(
         )
         if not decision.name:
             return new
-        _set_submodule(model, decision.name, new)
+        set_submodule(model, decision.name, new)
     return model
 
 
@@ -238,7 +261,7 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
             raise BrnError(
                 f"checkpoint records renorm layer {name!r}, which the architecture lacks"
             ) from None
-        if not isinstance(bn, _BatchNorm):
+        if not is_torch_batch_norm(bn):
             raise BrnError(
                 f"checkpoint records renorm layer {name!r}, but the architecture has a "
                 f"{type(bn).__name__} there"
@@ -258,7 +281,7 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
         except (KeyError, TypeError, ValueError) as exc:
             detail = f"no {exc.args[0]!r} setting" if isinstance(exc, KeyError) else str(exc)
             raise BrnError(f"checkpoint layer {name!r}: {detail}") from None
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     return model
 
 
@@ -274,9 +297,7 @@ def restore_batchnorm(model: nn.Module) -> nn.Module:
         BatchRenorm3d: nn.BatchNorm3d,
         BatchRenormNd: nn.SyncBatchNorm,
     }
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, BatchRenormNd):
-            continue
+    for name, module in renorm_layers(model):
         ref = module.running_mean
         kwargs = {
             "eps": module.eps,
@@ -296,7 +317,7 @@ def restore_batchnorm(model: nn.Module) -> nn.Module:
         bn.train(module.training)
         if not name:
             return bn
-        _set_submodule(model, name, bn)
+        set_submodule(model, name, bn)
     return model
 
 
@@ -327,7 +348,7 @@ def _shape_from_first_module(model: nn.Module, batch: int) -> list[int] | None:
             return [batch, module.in_channels, 8, 64, 64]
         if isinstance(module, nn.Linear):
             return [batch, module.in_features]
-        if isinstance(module, (_BatchNorm, BatchRenormNd)):
+        if is_batch_norm(module):
             if isinstance(module, (nn.BatchNorm1d, BatchRenorm1d)):
                 return [batch, module.num_features]
             return None
@@ -374,3 +395,44 @@ def max_eval_difference(
     if len(a) != len(b) or not a:
         return float("nan")
     return max(float((u.float() - v.float()).abs().max()) for u, v in zip(a, b, strict=True))
+
+
+@dataclass
+class CheckedConversion:
+    """A converted model, and the check that its eval outputs are the original's."""
+
+    model: nn.Module
+    input_shape: list[int]
+    max_abs_diff: float
+
+
+def convert_checked(
+    model: nn.Module,
+    *,
+    input_shape: Sequence[int] | None = None,
+    arch_spec: str | None = None,
+    momentum: float = 0.01,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    tolerance: float = 1e-5,
+) -> CheckedConversion:
+    """:func:`convert_batchnorm` (in place), then check that eval outputs did not change: the original and the
+    converted model run on one random input of `input_shape` (default: :func:`infer_input_shape`, helped by
+    `arch_spec`). The two compute the same expression with the same kernel, so any difference beyond
+    `tolerance` is a conversion bug: VerificationError. BrnError when no shape is known or the model does not
+    run on it."""
+    original = copy.deepcopy(model)
+    converted = convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude)
+    shape = list(input_shape) if input_shape else infer_input_shape(converted, arch_spec=arch_spec)
+    if shape is None:
+        raise BrnError("cannot infer an input shape from the first layer; pass `input_shape`")
+    try:
+        diff = max_eval_difference(original, converted, shape)
+    except Exception as exc:
+        raise BrnError(
+            f"the model does not run on input shape {shape} ({type(exc).__name__}: {first_line(exc)}); "
+            "pass `input_shape`"
+        ) from None
+    if not diff <= tolerance:
+        raise VerificationError(f"conversion changed eval outputs by {diff:.3g} (expected 0)")
+    return CheckedConversion(model=converted, input_shape=shape, max_abs_diff=diff)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from brn_cli.errors import BrnError
+from brn_cli.progress import Progress
 from brn_cli.storage.atomic import ensure_output_dir
 
-__all__ = ["DemoConfig", "DemoResult", "available_threads", "run_demo", "set_threads"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 ARCH_SPEC = "brn_cli.samples.models:small_resnet"
 # The pretraining standardises pixels with these (brn_cli.recipes.pretrain); fine-tuning must see the same.
@@ -131,29 +131,6 @@ class DemoResult:
 DEFAULT_THREADS = 1
 
 
-def available_threads() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def set_threads(requested: int | None) -> int:
-    """torch.set_num_threads(min(available, requested)); returns the number set.
-
-    On a shared machine oversubscribed threads cost far more than they give (measured: 2 threads under
-    load ran 10x slower than 1), so never more threads than cores.
-    """
-    import torch
-
-    n = available_threads() if requested is None else min(int(requested), available_threads())
-    if n < 1:
-        raise BrnError(f"--threads must be >= 1, got {requested}")
-    torch.set_num_threads(n)
-    return n
-
-
 def _prepare_output(config: DemoConfig) -> Path:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
@@ -161,7 +138,7 @@ def _prepare_output(config: DemoConfig) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not config.force:
             raise BrnError(
-                f"output folder {out} is not empty; pass --force to overwrite the demo's files there"
+                f"output folder {out} is not empty; pass `force=True` to overwrite the demo's files there"
             )
         for name in DEMO_FILES:  # only what a previous demo wrote
             path = out / name
@@ -176,16 +153,16 @@ def _validate(config: DemoConfig) -> None:
     from brn_cli.data.samplers import parse_sampler
 
     if config.pretrain_steps < 1:
-        raise BrnError(f"--pretrain-steps must be >= 1, got {config.pretrain_steps}")
+        raise BrnError(f"`pretrain_steps` must be >= 1, got {config.pretrain_steps}")
     if config.steps < 1:
-        raise BrnError(f"--steps must be >= 1, got {config.steps}")
+        raise BrnError(f"`steps` must be >= 1, got {config.steps}")
     if config.batch_size < 2:
-        raise BrnError(f"--batch-size must be >= 2, got {config.batch_size}")
+        raise BrnError(f"`batch_size` must be >= 2, got {config.batch_size}")
     if not config.lr > 0:
-        raise BrnError(f"--lr must be > 0, got {config.lr}")
+        raise BrnError(f"`lr` must be > 0, got {config.lr}")
     parse_sampler(config.sampler)
     if config.threads is not None and config.threads < 1:
-        raise BrnError(f"--threads must be >= 1, got {config.threads}")
+        raise BrnError(f"`threads` must be >= 1, got {config.threads}")
 
 
 def _labels_per_batch(config: DemoConfig) -> str:
@@ -218,38 +195,62 @@ def run_demo(
     *,
     stage: Callable[[str], None] | None = None,
     note: Callable[[str], None] | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> DemoResult:
     """Run the demo flow (module docstring) into `config.output`; returns every number it printed.
 
     `stage(title)` is called as each stage starts, `note(text)` with the key numbers of each stage (the
-    CLI prints them; the library prints nothing itself). `progress` shows the fine-tuning progress bars.
+    CLI prints them; the library prints nothing itself). `progress` hears of the pretraining and of each
+    fine-tuning run.
     """
     stage = stage or (lambda _t: None)
     note = note or (lambda _t: None)
     _validate(config)
     out = _prepare_output(config)
     t0 = time.perf_counter()
+    from brn_cli.nn.device import resolve_device, set_threads
+
     threads = set_threads(DEFAULT_THREADS if config.threads is None else config.threads)
-
-    import torch
-
-    from brn_cli.data.datasets import load_data
-    from brn_cli.deploy.export import export_onnx_checked
-    from brn_cli.deploy.inspection import inspect_model
-    from brn_cli.evaluation.evaluate import evaluate_data
-    from brn_cli.nn.convert import convert_batchnorm, max_eval_difference
-    from brn_cli.recipes.pretrain import pretrain_batchnorm
-    from brn_cli.samples import SAMPLE_DATA
-    from brn_cli.storage.atomic import write_atomic
-    from brn_cli.storage.checkpoint import load_checkpoint, save_brn_checkpoint
-    from brn_cli.train.curves import plot_runs
-    from brn_cli.train.finetune import FinetuneConfig, resolve_device, run_finetune
-
     device = resolve_device(config.device)
 
-    # 1. the user's existing model ----------------------------------------------------------------------
     stage("1/6  the existing model: small ResNet trained with BatchNorm on i.i.d. batches")
+    pre, bn_path = _pretrain(config, out, device, progress, note)
+    stage("2/6  inspect")
+    ckpt, inspected = _inspect(bn_path, note)
+    stage("3/6  convert BatchNorm -> Batch Renorm")
+    brn_path, converted = _convert(ckpt, out, note)
+    stage(
+        f"4/6  fine-tune {config.steps} steps on non-i.i.d. batches ({config.sampler}: "
+        f"{_labels_per_batch(config)} per batch of {config.batch_size}), batchnorm vs renorm"
+    )
+    runs = _finetune_both(config, brn_path, out, device, progress, note)
+    stage("5/6  evaluate the final models: inference mode and batch statistics")
+    data, finals, evals = _evaluate_finals(config, runs, device, note)
+    stage("6/6  export to ONNX (folded), verify in onnxruntime")
+    result = DemoResult(
+        output=str(out),
+        config=asdict(config),
+        pretrain={k: v for k, v in pre.items() if k != "device"},
+        inspect=inspected,
+        convert=converted,
+        threads=threads,
+    )
+    result.runs = _export_finals(finals, runs, evals, data, out, note)
+    _plot_curves(config, runs, out)
+    result.seconds = time.perf_counter() - t0
+    _write_summary(result, out)
+    return result
+
+
+def _pretrain(
+    config: DemoConfig, out: Path, device: Any, progress: Progress | None, note: Callable[[str], None]
+) -> tuple[dict[str, Any], Path]:
+    """Stage 1, the user's existing model: pretrain with BatchNorm, save it as a plain state_dict."""
+    import torch
+
+    from brn_cli.recipes.pretrain import pretrain_batchnorm
+    from brn_cli.storage.atomic import write_atomic
+
     model, pre = pretrain_batchnorm(
         "small_resnet", steps=config.pretrain_steps, seed=config.seed, device=device, progress=progress
     )
@@ -260,9 +261,15 @@ def run_demo(
         f"{config.pretrain_steps} steps of batch 32 in {pre['seconds']:.1f} s: validation accuracy "
         f"{100 * pre['val_accuracy']:.1f}% (inference mode) -> {bn_path}"
     )
+    return pre, bn_path
 
-    # 2. inspect ---------------------------------------------------------------------------------------
-    stage("2/6  inspect")
+
+def _inspect(bn_path: Path, note: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """Stage 2: load the state_dict with the sample arch and inspect its norm layers. Returns the loaded
+    checkpoint and the summary's ``inspect`` figures."""
+    from brn_cli.deploy.inspection import inspect_model
+    from brn_cli.storage.checkpoint import load_checkpoint
+
     ckpt = load_checkpoint(bn_path, arch=ARCH_SPEC)
     report = inspect_model(ckpt, [2, 1, 28, 28])
     foldable = sum(1 for n in report.norms if n.fold_into)
@@ -271,16 +278,18 @@ def run_demo(
         f"{report.parameters:,} parameters; {len(report.norms)} BatchNorm2d layers, {foldable} foldable into "
         f"their convs, {healthy} with healthy running statistics"
     )
+    return ckpt, {"parameters": report.parameters, "norms": len(report.norms), "foldable": foldable}
 
-    # 3. convert ---------------------------------------------------------------------------------------
-    stage("3/6  convert BatchNorm -> Batch Renorm")
-    import copy
 
-    original = copy.deepcopy(ckpt.model)
-    converted = convert_batchnorm(ckpt.model, momentum=0.01)
-    diff = max_eval_difference(original, converted, [8, 1, 28, 28])
-    if not diff <= 1e-5:
-        raise BrnError(f"conversion changed eval outputs by {diff:.3g}; the demo cannot continue")
+def _convert(ckpt: Any, out: Path, note: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """Stage 3: BatchNorm -> Batch Renorm, checked to leave eval outputs unchanged, saved as a brn
+    checkpoint. Returns its path and the summary's ``convert`` figures."""
+    from brn_cli.nn.convert import convert_checked
+    from brn_cli.nn.norms import renorm_layers
+    from brn_cli.storage.checkpoint import save_brn_checkpoint
+
+    checked = convert_checked(ckpt.model, input_shape=[8, 1, 28, 28], momentum=0.01)
+    converted, diff = checked.model, checked.max_abs_diff
     brn_path = out / "brn_model.pt"
     save_brn_checkpoint(
         converted,
@@ -290,14 +299,24 @@ def run_demo(
         command="demo",
         **{**ckpt.lineage(), "preprocessing": {"normalize": NORMALIZE}},
     )
-    n_renorm = sum(1 for m in converted.modules() if type(m).__name__.startswith("BatchRenorm"))
+    n_renorm = len(renorm_layers(converted))
     note(f"{n_renorm} layers converted; eval outputs max |before - after| = {diff:.2g} -> {brn_path}")
+    return brn_path, {"layers": n_renorm, "max_abs_diff": diff}
 
-    # 4. fine-tune twice -------------------------------------------------------------------------------
-    stage(
-        f"4/6  fine-tune {config.steps} steps on non-i.i.d. batches ({config.sampler}: "
-        f"{_labels_per_batch(config)} per batch of {config.batch_size}), batchnorm vs renorm"
-    )
+
+def _finetune_both(
+    config: DemoConfig,
+    brn_path: Path,
+    out: Path,
+    device: Any,
+    progress: Progress | None,
+    note: Callable[[str], None],
+) -> dict[str, Any]:
+    """Stage 4: fine-tune the converted model once per method (same seed, data order and rate; only the
+    schedule differs). Returns each method's FinetuneResult."""
+    from brn_cli.samples import SAMPLE_DATA
+    from brn_cli.train.finetune import FinetuneConfig, run_finetune
+
     runs: dict[str, Any] = {}
     for method, schedule in METHODS.items():
         ft = FinetuneConfig(
@@ -321,9 +340,19 @@ def run_demo(
             f"{method:9s} (schedule {schedule}): final rmax {f['rmax']:.3g}, dmax {f['dmax']:.3g}; "
             f"validation {100 * (f['val_accuracy'] or 0):.1f}% in {runs[method].seconds:.1f} s"
         )
+    return runs
 
-    # 5. evaluate --------------------------------------------------------------------------------------
-    stage("5/6  evaluate the final models: inference mode and batch statistics")
+
+def _evaluate_finals(
+    config: DemoConfig, runs: dict[str, Any], device: Any, note: Callable[[str], None]
+) -> tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]:
+    """Stage 5: each run's last model in inference mode and with batch statistics on test batches composed
+    like the training ones. Returns the sample data, the final models and their evaluations."""
+    from brn_cli.data.datasets import load_data
+    from brn_cli.evaluation.evaluate import evaluate_data
+    from brn_cli.samples import SAMPLE_DATA
+    from brn_cli.storage.checkpoint import load_checkpoint
+
     data = load_data(SAMPLE_DATA, normalize=NORMALIZE, seed=config.seed)
     finals: dict[str, Any] = {}
     evals: dict[str, dict[str, Any]] = {}
@@ -344,27 +373,34 @@ def run_demo(
             f"{method:9s}: inference {100 * e['inference']['accuracy']:.1f}%, batch statistics "
             f"({config.sampler} test batches) {100 * e['batch_stats']['accuracy']:.1f}%"
         )
+    return data, finals, evals
 
-    # 6. export ----------------------------------------------------------------------------------------
-    stage("6/6  export to ONNX (folded), verify in onnxruntime")
+
+def _export_finals(
+    finals: dict[str, Any],
+    runs: dict[str, Any],
+    evals: dict[str, dict[str, Any]],
+    data: Any,
+    out: Path,
+    note: Callable[[str], None],
+) -> dict[str, RunSummary]:
+    """Stage 6: export each final model to folded ONNX (verified in onnxruntime), score the ONNX model on
+    the validation digits, and sum up each run."""
+    import torch
+
+    from brn_cli.deploy.export import export_onnx_checked
+
     x_val = torch.stack([data.val[i][0] for i in range(len(data.val))])
-    y_val = data.val_labels
-    result = DemoResult(
-        output=str(out),
-        config=asdict(config),
-        pretrain={k: v for k, v in pre.items() if k != "device"},
-        inspect={"parameters": report.parameters, "norms": len(report.norms), "foldable": foldable},
-        convert={"layers": n_renorm, "max_abs_diff": diff},
-        threads=threads,
-    )
-    for method, model_ in finals.items():
+    summaries: dict[str, RunSummary] = {}
+    for method, model in finals.items():
         onnx_path = out / f"{method}.onnx"
-        rep = export_onnx_checked(model_.cpu().eval(), [2, 1, 28, 28], onnx_path, force=True)
+        rep = export_onnx_checked(model.cpu().eval(), [2, 1, 28, 28], onnx_path, force=True)
         if not rep.written:
             raise BrnError(f"ONNX verification failed for {method}: max abs {rep.verify.max_abs:.3g}")
-        onnx_acc = _onnx_accuracy(onnx_path, x_val, y_val)
+        onnx_acc = _onnx_accuracy(onnx_path, x_val, data.val_labels)
         res = runs[method]
-        result.runs[method] = RunSummary(
+        folded = len(rep.fold.folded) if rep.fold is not None else 0
+        summaries[method] = RunSummary(
             method=method,
             schedule=METHODS[method],
             run_dir=res.run_dir,
@@ -377,22 +413,31 @@ def run_demo(
             onnx_max_abs=rep.verify.max_abs,
             onnx_passed=rep.verify.passed,
             onnx_accuracy=onnx_acc,
-            folded=len(rep.fold.folded) if rep.fold is not None else 0,
+            folded=folded,
         )
         note(
-            f"{method:9s}: {len(rep.fold.folded) if rep.fold else 0} norms folded, "
+            f"{method:9s}: {folded} norms folded, "
             f"{len(rep.verify.checks)} onnxruntime checks passed, max |onnx - torch| "
             f"{rep.verify.max_abs:.2g}; ONNX accuracy {100 * onnx_acc:.1f}% -> {onnx_path}"
         )
+    return summaries
 
-    # curves and summary -------------------------------------------------------------------------------
-    with contextlib.suppress(ValueError):
+
+def _plot_curves(config: DemoConfig, runs: dict[str, Any], out: Path) -> None:
+    from brn_cli.train.curves import plot_runs
+
+    with contextlib.suppress(ValueError):  # nothing logged: no figure
         plot_runs(
             {m: Path(r.run_dir) / "metrics.jsonl" for m, r in runs.items()},
             out / "curves.png",
             title=f"fine-tuning on {config.sampler} batches: batchnorm (schedule off) vs renorm (paper-scaled)",
         )
-    result.seconds = time.perf_counter() - t0
+
+
+def _write_summary(result: DemoResult, out: Path) -> None:
+    """List the folder's files in `result` (summary.json among them) and write it as summary.json."""
+    from brn_cli.storage.atomic import write_atomic
+
     result.files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if "summary.json" not in result.files:
         result.files = sorted([*result.files, "summary.json"])
@@ -401,4 +446,3 @@ def run_demo(
         lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8"),
         force=True,
     )
-    return result

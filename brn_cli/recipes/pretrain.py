@@ -12,6 +12,7 @@ inference mode (BatchNorm using its moving averages), which is what a user's dep
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from brn_cli.errors import BrnError
+from brn_cli.progress import Progress, or_null
 from brn_cli.samples import SAMPLE_DATA
 from brn_cli.samples.models import SAMPLE_ARCHS
 
@@ -97,26 +99,22 @@ def pretrain_batchnorm(
     lr: float = 0.05,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: Progress | None = None,
     data: SampleData | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train sample `arch` with plain BatchNorm for `steps` optimizer steps on i.i.d. minibatches.
 
     Returns the model (in eval mode) and metrics: ``train_accuracy`` and ``val_accuracy`` (inference mode,
     whole splits), ``val_loss``, ``final_batch_loss``, ``seconds`` (training loop only), and the settings.
-    Deterministic for a given `seed` on one device and thread count.
+    Deterministic for a given `seed` on one device and thread count. `progress` hears of every 10th step
+    and the last, with the batch loss.
     """
-    if steps < 1:
-        raise BrnError(f"--steps must be at least 1, got {steps}")
-    if batch_size < 2:
-        raise BrnError(f"--batch-size must be at least 2 (BatchNorm needs 2 samples), got {batch_size}")
-    if not lr > 0:
-        raise BrnError(f"--lr must be positive, got {lr}")
+    _check_settings(steps, batch_size, lr)
     device = torch.device(device)
     data = data if data is not None else load_sample_data(device=device)
     n_train = len(data.x_train)
     if batch_size > n_train:
-        raise BrnError(f"--batch-size {batch_size} exceeds the {n_train} training examples")
+        raise BrnError(f"`batch_size` {batch_size} exceeds the {n_train} training examples")
 
     torch.manual_seed(seed)  # weight init
     model = build_sample_model(arch).to(device)
@@ -125,47 +123,18 @@ def pretrain_batchnorm(
     # Linear decay to zero: the last steps average out minibatch noise in weights and BN statistics.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     gen = torch.Generator().manual_seed(seed)  # batch order, independent of the init above
+    batches = _iid_batches(n_train, batch_size, gen, device)
 
-    def batches():
-        # i.i.d. minibatches: a fresh uniform permutation per epoch, dropping the ragged tail.
-        while True:
-            order = torch.randperm(n_train, generator=gen).to(device)
-            for start in range(0, n_train - batch_size + 1, batch_size):
-                yield order[start : start + batch_size]
-
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn(f"pretrain {arch}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        task = bar.add_task("pretrain", total=steps, loss="-")
-        bar.start()
-    loss = torch.zeros(())
+    progress = or_null(progress)
+    progress.start(f"pretrain {arch}", steps)
     start_time = time.perf_counter()
     try:
-        stream = batches()
-        for step in range(steps):
-            idx = next(stream)
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if bar is not None and (step % 10 == 9 or step == steps - 1):
-                bar.update(task, completed=step + 1, loss=f"{float(loss.detach()):.3f}")
+        loss = _train(model, optimizer, scheduler, data, batches, steps, progress)
     finally:
-        if bar is not None:
-            bar.stop()
+        progress.stop()
     seconds = time.perf_counter() - start_time
     if not torch.isfinite(loss):
-        raise BrnError(f"pretraining diverged (loss {float(loss)}); lower --lr")
+        raise BrnError(f"pretraining diverged (loss {float(loss)}); lower `lr`")
 
     train_acc, _ = evaluate_accuracy(model, data.x_train, data.y_train)
     val_acc, val_loss = evaluate_accuracy(model, data.x_val, data.y_val)
@@ -184,3 +153,46 @@ def pretrain_batchnorm(
         "val_loss": val_loss,
     }
     return model, metrics
+
+
+def _check_settings(steps: int, batch_size: int, lr: float) -> None:
+    if steps < 1:
+        raise BrnError(f"`steps` must be at least 1, got {steps}")
+    if batch_size < 2:
+        raise BrnError(f"`batch_size` must be at least 2 (BatchNorm needs 2 samples), got {batch_size}")
+    if not lr > 0:
+        raise BrnError(f"`lr` must be positive, got {lr}")
+
+
+def _iid_batches(
+    n_train: int, batch_size: int, gen: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Index batches, endlessly: i.i.d. minibatches from a fresh uniform permutation per epoch, dropping
+    the ragged tail."""
+    while True:
+        order = torch.randperm(n_train, generator=gen).to(device)
+        for start in range(0, n_train - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def _train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: SampleData,
+    batches: Iterator[torch.Tensor],
+    steps: int,
+    progress: Progress,
+) -> torch.Tensor:
+    """`steps` SGD steps of cross-entropy on the training split; returns the last batch's loss."""
+    loss = torch.zeros(())
+    for step in range(steps):
+        idx = next(batches)
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 10 == 9 or step == steps - 1:
+            progress.update(step + 1, info=f"loss {float(loss.detach()):.3f}")
+    return loss

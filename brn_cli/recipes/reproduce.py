@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from brn_cli.errors import BrnError
+from brn_cli.progress import Progress, or_null
 
 __all__ = ["METHODS", "SETTINGS", "ReproduceConfig", "Setting", "aggregate", "run_reproduce", "write_report"]
 
@@ -151,7 +152,7 @@ def _one_run(config: ReproduceConfig, out: Path, setting: Setting, method: str, 
         device=config.device,
         force=True,
     )
-    result = run_finetune(ft, progress=False)
+    result = run_finetune(ft, progress=None)
     record = {
         "setting": setting.name,
         "method": method,
@@ -323,26 +324,17 @@ def run_reproduce(
     config: ReproduceConfig,
     *,
     on_run: Callable[[dict[str, Any], int, int], None] | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run every (setting, method, seed) not yet finished in `config.output`, then write the report.
 
-    `on_run(record, done, total)` is called after each run (the CLI prints a line). Returns the report
-    dict of :func:`write_report`.
+    `on_run(record, done, total)` is called after each run (the CLI prints a line); `progress` hears of
+    each run as it starts (info: setting, method, seed) and ends. Returns the report dict of
+    :func:`write_report`.
     """
-    from brn_cli.recipes.demo import set_threads
+    from brn_cli.nn.device import set_threads
 
-    unknown = [s for s in config.settings if s not in SETTINGS]
-    if unknown:
-        raise BrnError(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
-    if not config.seeds:
-        raise BrnError("give at least one seed")
-    if config.steps < 1:
-        raise BrnError(f"--steps must be >= 1, got {config.steps}")
-    if not config.lr > 0:
-        raise BrnError(f"--lr must be > 0, got {config.lr}")
-    if not 0 < config.momentum <= 1:
-        raise BrnError(f"--momentum must be in (0, 1], got {config.momentum}")
+    _check_config(config)
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise BrnError(f"output {out} exists and is not a directory")
@@ -350,8 +342,47 @@ def run_reproduce(
     set_threads(config.threads)
 
     jobs = [(s, m, seed) for s in config.settings for seed in config.seeds for m in METHODS]
+    finished = _finished_runs(config, out, jobs)
+    progress = or_null(progress)
+    progress.start("reproduce", len(jobs))
+    t0 = time.perf_counter()
+    try:
+        for done, (name, method, seed) in enumerate(jobs, start=1):
+            record = finished.get((name, method, seed))
+            if record is None:
+                progress.update(done - 1, info=f"{name} {method} seed {seed}")
+                record = _one_run(config, out, SETTINGS[name], method, seed)
+            if on_run is not None:
+                on_run(record, done, len(jobs))
+            progress.update(done)
+    finally:
+        progress.stop()
+    report = write_report(out, config)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _check_config(config: ReproduceConfig) -> None:
+    unknown = [s for s in config.settings if s not in SETTINGS]
+    if unknown:
+        raise BrnError(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+    if not config.seeds:
+        raise BrnError("give at least one seed")
+    if config.steps < 1:
+        raise BrnError(f"`steps` must be >= 1, got {config.steps}")
+    if not config.lr > 0:
+        raise BrnError(f"`lr` must be > 0, got {config.lr}")
+    if not 0 < config.momentum <= 1:
+        raise BrnError(f"`momentum` must be in (0, 1], got {config.momentum}")
+
+
+def _finished_runs(
+    config: ReproduceConfig, out: Path, jobs: list[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The records of the jobs already run in `out` (none with `config.force`). Checked before any work:
+    runs of another length, rate or momentum must not be mixed into one report."""
     finished: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for name, method, seed in jobs:  # check before any work: runs of another length must not be mixed in
+    for name, method, seed in jobs:
         marker = _run_dir(out, name, method, seed) / "run.json"
         if marker.is_file() and not config.force:
             record = json.loads(marker.read_text(encoding="utf-8"))
@@ -359,39 +390,7 @@ def run_reproduce(
             if ran != (config.steps, config.lr, config.momentum):
                 raise BrnError(
                     f"{marker} was run with steps/lr/momentum {ran}, not "
-                    f"{(config.steps, config.lr, config.momentum)}; use another -o DIR or --force"
+                    f"{(config.steps, config.lr, config.momentum)}; use another `output` folder or `force=True`"
                 )
             finished[(name, method, seed)] = record
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(
-            TextColumn("[bold]reproduce"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-        )
-        task = bar.add_task("reproduce", total=len(jobs), info="")
-        bar.start()
-    t0 = time.perf_counter()
-    try:
-        for done, (name, method, seed) in enumerate(jobs, start=1):
-            record = finished.get((name, method, seed))
-            if record is None:
-                if bar is not None:
-                    bar.update(task, info=f"{name} {method} seed {seed}")
-                record = _one_run(config, out, SETTINGS[name], method, seed)
-            if on_run is not None:
-                on_run(record, done, len(jobs))
-            if bar is not None:
-                bar.update(task, completed=done)
-    finally:
-        if bar is not None:
-            bar.stop()
-    report = write_report(out, config)
-    report["seconds"] = time.perf_counter() - t0
-    return report
+    return finished

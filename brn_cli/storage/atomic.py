@@ -1,7 +1,7 @@
 """Atomic output: write to a temporary file beside the target, then rename; and a folder lock.
 
 A crash or a bad input never leaves a half-written file where the user expects output, and an existing
-file is only replaced when the caller says so (`--force`). Outputs get the mode a plain ``open()`` would
+file is only replaced when the caller says so (``force=True``). Outputs get the mode a plain ``open()`` would
 give them (0666 less the umask), not mkstemp's 0600. A temporary file is named ``.NAME.PID.XXXXXXXX.tmp``:
 one left behind by a killed writer (its PID no longer runs) is removed by the next write of NAME.
 """
@@ -31,10 +31,12 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     if target.is_dir():
         raise BrnError(f"output {target} is a directory; give a file name")
     if target.exists() and not force:
-        raise BrnError(f"output {target} already exists; pass --force to overwrite it")
+        raise BrnError(f"output {target} already exists; pass `force=True` to overwrite it")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.exists():
         raise BrnError(f"output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise BrnError(f"output folder {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise BrnError(f"output folder {parent} is not writable")
     return target
@@ -67,7 +69,7 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     try:
         yield tmp
         if target.exists() and not force:  # appeared while we worked
-            raise BrnError(f"output {target} already exists; pass --force to overwrite it")
+            raise BrnError(f"output {target} already exists; pass `force=True` to overwrite it")
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -86,7 +86,7 @@ class LoadedCheckpoint:
     @property
     def input_shape(self) -> list[int] | None:
         """The recorded sample input shape, checked (see :func:`check_recorded_shape`) when first needed, so
-        that a command given --input-shape never looks at it."""
+        that a call given ``input_shape`` never looks at it."""
         return check_recorded_shape(self.recorded_input_shape, path=self.path)
 
     def lineage(self) -> dict[str, Any]:
@@ -107,20 +107,20 @@ class LoadedCheckpoint:
 
 
 def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
-    """Parse `--arch-kwargs` JSON into a dict."""
+    """Parse ``arch_kwargs`` JSON text into a dict."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BrnError(f"--arch-kwargs is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        raise BrnError(f"`arch_kwargs` is not valid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(value, dict):
-        raise BrnError("--arch-kwargs must be a JSON object, for example '{\"num_classes\": 10}'")
+        raise BrnError("`arch_kwargs` must be a JSON object, for example '{\"num_classes\": 10}'")
     return value
 
 
-def import_callable(spec: str, *, option: str) -> Callable[..., Any]:
-    """Resolve "package.module:callable" (`option` names the flag in error messages).
+def import_callable(spec: str, *, param: str) -> Callable[..., Any]:
+    """Resolve "package.module:callable" (`param` names the parameter that gave it, in error messages).
 
     Only for specs the user typed: a spec read from a file goes through :func:`check_recorded_arch` or
     :func:`check_recorded_data` first, which refuse anything but known builders.
@@ -129,10 +129,10 @@ def import_callable(spec: str, *, option: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BrnError(f"{option} {spec}: cannot import {module_name!r} ({exc})") from None
+        raise BrnError(f"`{param}` {spec}: cannot import {module_name!r} ({exc})") from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise BrnError(f"{option} {spec}: {module_name} has no callable {attr!r}")
+        raise BrnError(f"`{param}` {spec}: {module_name} has no callable {attr!r}")
     return factory
 
 
@@ -195,7 +195,7 @@ def _fetches_weights(key: str, value: Any) -> bool:
 
 
 def check_builder_kwargs(
-    spec: str, kwargs: Any, *, where: str = "--arch-kwargs", weights: bool = True
+    spec: str, kwargs: Any, *, where: str = "`arch_kwargs`", weights: bool = True
 ) -> dict[str, Any]:
     """`kwargs` for the builder `spec`, checked: a dict of plain data (str, int, float, bool, None, lists and
     dicts of those) and, with `weights`, none of it asking for downloaded or file-read weights. `where` names
@@ -252,11 +252,11 @@ def is_known_builder(spec: str) -> bool:
 
 def check_recorded_arch(spec: Any, kwargs: Any, *, path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """An architecture recorded in the file `path`, if brn may build it from there (see
-    :func:`is_known_builder`; plain-data kwargs, no weights fetched); else BrnError asking for --arch."""
+    :func:`is_known_builder`; plain-data kwargs, no weights fetched); else BrnError asking for ``arch``."""
     if not is_known_builder(spec):
         shown = printable(spec if isinstance(spec, str) else repr(spec), 120)
         raise BrnError(
-            f"{path} records arch '{shown}', which brn does not run from a file; pass --arch to name the "
+            f"{path} records arch '{shown}', which brn does not run from a file; pass `arch` to name the "
             "architecture yourself"
         )
     return spec, check_builder_kwargs(spec, {} if kwargs is None else kwargs, where=f"{path}: recorded arch")
@@ -273,11 +273,11 @@ def is_data_callable(spec: str) -> bool:
 
 def check_recorded_data(spec: Any, *, path: str | os.PathLike) -> str:
     """A data spec recorded in the file `path`, if it is a path (an .npz file or a folder); a recorded
-    ``package.module:callable`` is code, which brn does not run from a file: BrnError asking for --data."""
+    ``package.module:callable`` is code, which brn does not run from a file: BrnError asking for ``data``."""
     if not isinstance(spec, str) or is_data_callable(spec):
         shown = printable(spec if isinstance(spec, str) else repr(spec), 120)
         raise BrnError(
-            f"{path} records data '{shown}', which brn does not run from a file; pass --data to name the data "
+            f"{path} records data '{shown}', which brn does not run from a file; pass `data` to name the data "
             "yourself"
         )
     return spec
@@ -323,31 +323,31 @@ def build_arch(
     # callable (a config_path, say) are the user's business.
     kwargs = check_builder_kwargs(spec, dict(kwargs or {}), weights=is_known_builder(spec))
     if ":" not in spec:
-        raise BrnError(f"--arch {spec!r}: expected torchvision:NAME, timm:NAME or package.module:callable")
+        raise BrnError(f"`arch` {spec!r}: expected torchvision:NAME, timm:NAME or package.module:callable")
     source, name = spec.split(":", 1)
     try:
         if source == "torchvision":
             if importlib.util.find_spec("torchvision") is None:
-                raise BrnError("--arch torchvision:... needs torchvision installed")
+                raise BrnError("`arch` torchvision:... needs torchvision installed")
             model = _build_known(spec, kwargs)
             if model is None:
-                raise BrnError(f"--arch {spec}: torchvision has no model named {name!r}")
+                raise BrnError(f"`arch` {spec}: torchvision has no model named {name!r}")
         elif source == "timm":
             if importlib.util.find_spec("timm") is None:
-                raise BrnError("--arch timm:... needs timm installed")
+                raise BrnError("`arch` timm:... needs timm installed")
             model = _build_known(spec, kwargs)
             if model is None:
-                raise BrnError(f"--arch {spec}: timm has no model named {name!r}")
+                raise BrnError(f"`arch` {spec}: timm has no model named {name!r}")
         elif source == SAMPLES_MODULE and is_known_builder(spec):
             model = _build_known(spec, kwargs)
         else:
-            model = import_callable(spec, option="--arch")(**kwargs)
+            model = import_callable(spec, param="arch")(**kwargs)
     except BrnError:
         raise
     except TypeError as exc:
-        raise BrnError(f"--arch {spec}: bad --arch-kwargs ({exc})") from None
+        raise BrnError(f"`arch` {spec}: bad `arch_kwargs` ({exc})") from None
     if not isinstance(model, nn.Module):
-        raise BrnError(f"--arch {spec} returned {type(model).__name__}, not a torch.nn.Module")
+        raise BrnError(f"`arch` {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -418,7 +418,7 @@ def read_raw(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[st
             )
             raise BrnError(
                 f"{path} contains pickled Python objects (it would import {shown}); loading it can run "
-                "arbitrary code. Re-run with --trust-pickle only if you trust its source"
+                "arbitrary code. Re-run with `trust_pickle=True` only if you trust its source"
             ) from None
         try:
             return "torch", torch.load(path, map_location="cpu", weights_only=False)
@@ -550,7 +550,7 @@ def find_state_dict(
         if candidate in obj and _is_tensor_dict(obj[candidate]):
             return dict(obj[candidate]), candidate
     raise BrnError(
-        f"{source}: no state_dict found (top-level keys: {_keys_text(obj)}); pass --key to name it"
+        f"{source}: no state_dict found (top-level keys: {_keys_text(obj)}); pass `key` to name it"
     )
 
 
@@ -644,7 +644,7 @@ def load_checkpoint(
     if kind == "torch" and isinstance(obj, nn.Module):  # only reachable with trust_pickle
         model = obj
         if arch is not None:
-            model = load_state_into(build_arch(arch, arch_kwargs), obj.state_dict(), what=f"--arch {arch}")
+            model = load_state_into(build_arch(arch, arch_kwargs), obj.state_dict(), what=f"`arch` {arch}")
         return LoadedCheckpoint(
             model=model,
             path=path,
@@ -672,9 +672,9 @@ def load_checkpoint(
     if arch is None:
         raise BrnError(
             f"{path.name} is a plain {'safetensors' if kind == 'safetensors' else 'state_dict'} file: "
-            "pass --arch (torchvision:NAME, timm:NAME or package.module:callable) to say which model it holds"
+            "pass `arch` (torchvision:NAME, timm:NAME or package.module:callable) to say which model it holds"
         )
-    what = f"--arch {arch}"
+    what = f"`arch` {arch}"
     check_shapes_before_building(arch, arch_kwargs, state, what=what, source=path)
     model = load_state_into(build_arch(arch, arch_kwargs), state, what=what, source=path)
     return LoadedCheckpoint(
@@ -701,7 +701,7 @@ def check_recorded_shape(shape: Any, *, path: str | os.PathLike) -> list[int] | 
     MAX_RECORDED_INPUT_ELEMENTS elements in all; anything else is refused before it is allocated."""
     if shape is None:
         return None
-    hint = "pass --input-shape to give one"
+    hint = "pass `input_shape` to give one"
     valid = (
         isinstance(shape, (list, tuple))
         and 2 <= len(shape) <= MAX_RECORDED_INPUT_DIMS
@@ -796,7 +796,7 @@ def _load_brn(path: Path, obj: Mapping, digest: str, arch: str | None, arch_kwar
             kwargs = check_builder_kwargs(spec, recorded_kwargs, where=f"{path}: recorded arch")
     else:
         if recorded_spec is None:
-            raise BrnError(f"{path}: this brn checkpoint records no architecture; pass --arch")
+            raise BrnError(f"{path}: this brn checkpoint records no architecture; pass `arch`")
         spec, kwargs = check_recorded_arch(recorded_spec, arch_kwargs or recorded_kwargs, path=path)
     what = (
         f"the architecture {'given' if arch is not None else 'recorded'} for {path.name} ({printable(spec)})"

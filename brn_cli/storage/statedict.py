@@ -38,11 +38,22 @@ def export_state_dict(
     model: nn.Module, path: str | os.PathLike, *, fmt: str = "pt", force: bool = False
 ) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write :func:`plain_state_dict` atomically as a torch.save file (``pt``) or ``safetensors``; a failed
-    write (a full disk) is one BrnError naming `path`."""
+    write (a full disk) is one BrnError naming `path`.
+
+    Example (the weights load strictly into the model written with plain BatchNorm)::
+
+        >>> import tempfile, torch
+        >>> from brn_cli import convert_batchnorm, export_state_dict
+        >>> def net(): return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        >>> model = convert_batchnorm(net())
+        >>> path, state = export_state_dict(model, tempfile.mkdtemp() + "/weights.pt")
+        >>> net().load_state_dict(torch.load(path, weights_only=True), strict=True)
+        <All keys matched successfully>
+    """
     from brn_cli.storage.checkpoint import reporting_write_errors
 
     if fmt not in FORMATS:
-        raise BrnError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise BrnError(f"`fmt` {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_writable(path, force=force)
     state = plain_state_dict(model)
     with atomic_path(path, force=force) as tmp, reporting_write_errors(path):

@@ -7,13 +7,13 @@ averages they would apply different corrections to the same kind of batch, and D
 away every other rank's statistics. So brn keeps the averages identical on every rank *by construction* and
 runs DDP with ``broadcast_buffers=False``:
 
-``global`` (``--stats-sync global``)
+``global`` (``stats_sync="global"``)
     mu_B and sigma_B are computed over the union of all ranks' minibatches with one all_reduce of the
     per-channel sums ``[n*mean, n*(var + mean^2), n]`` per layer in forward and one of
     ``[sum dy, sum dy*(x - mu_B), n]`` in backward (what SyncBatchNorm does). r, d, the outputs, the
     gradients and the moving averages are those of one process with the global batch.
 
-``local`` (``--stats-sync local``)
+``local`` (``stats_sync="local"``)
     Each rank normalizes its own minibatch (the paper's section 4 setup: 50 workers x 32 examples), and
     the moving-average step uses the mean over ranks of mu_B and sigma_B (one all_reduce per layer):
     ``mu <- mu + alpha * (mean_k mu_B^k - mu)``, same for sigma. Every rank computes the same update from
@@ -21,8 +21,8 @@ runs DDP with ``broadcast_buffers=False``:
 
 This module holds the process-group plumbing (:func:`init_distributed`), the model setup
 (:func:`configure_stats_sync`, :func:`wrap_model`), the consistency check run before every checkpoint
-(:func:`check_buffers_equal`), small collectives for metrics, and the ``brn finetune --nproc N`` launcher
-(:func:`launch_finetune`, which starts ``python -m torch.distributed.run`` on this machine).
+(:func:`check_buffers_equal`) and small collectives for metrics; the launcher that starts
+``python -m torch.distributed.run`` on this machine is :mod:`brn_cli.train.launch`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from brn_cli.errors import BrnError
@@ -60,10 +60,10 @@ _PEER_FAILURE_MARKERS = (
 
 
 def parse_stats_sync(text: str) -> str:
-    """Validate a ``--stats-sync`` value ("global" or "local")."""
+    """Validate a ``stats_sync`` value ("global" or "local")."""
     mode = text.strip().lower()
     if mode not in STATS_SYNC_MODES:
-        raise BrnError(f"--stats-sync must be 'global' or 'local', got {text!r}")
+        raise BrnError(f"`stats_sync` must be 'global' or 'local', got {text!r}")
     return mode
 
 
@@ -86,7 +86,6 @@ class DistContext:
     device: str = "cpu"
     backend: str | None = None
     timeout_s: float = DEFAULT_DIST_TIMEOUT_S
-    notes: list[str] = field(default_factory=list)
 
     @property
     def distributed(self) -> bool:
@@ -142,25 +141,6 @@ class DistContext:
         return self.device if self.backend == "nccl" else "cpu"
 
 
-def resolve_device(device: str, local_rank: int = 0) -> str:
-    """ "auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise BrnError("--device cuda given but CUDA is not available")
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise BrnError(
-                f"local rank {local_rank} has no GPU: this node has {count}; "
-                "use --nproc-per-node <= the GPU count"
-            )
-        device = f"cuda:{local_rank}"
-    return device
-
-
 def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> DistContext:
     """Join the torchrun job described by the environment, or return a single-process context.
 
@@ -168,9 +148,11 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
     collective, so a rank that dies or never arrives ends the run with an error instead of a hang.
     """
     if timeout_s <= 0:
-        raise BrnError(f"--dist-timeout must be positive, got {timeout_s}")
+        raise BrnError(f"`dist_timeout` must be positive, got {timeout_s}")
+    from brn_cli.nn.device import resolve_device
+
     if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return DistContext(device=resolve_device(device), timeout_s=timeout_s)
+        return DistContext(device=str(resolve_device(device, local_rank=0)), timeout_s=timeout_s)
 
     import torch
     import torch.distributed as dist
@@ -178,12 +160,12 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda:"):
+    if device.strip().lower().startswith("cuda:"):
         raise BrnError(
-            f"--device {device} under torchrun would put every rank on one GPU; use --device cuda (or auto): "
+            f"`device` {device} under torchrun would put every rank on one GPU; use `device=cuda` (or auto): "
             "each process takes the GPU of its LOCAL_RANK (restrict with CUDA_VISIBLE_DEVICES)"
         )
-    dev = resolve_device(device, local_rank)
+    dev = str(resolve_device(device, local_rank=local_rank))
     backend = "nccl" if dev.startswith("cuda") else "gloo"
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))
@@ -195,7 +177,7 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
         except Exception as exc:  # DistStoreError, DistNetworkError, RuntimeError from the backend
             raise BrnError(
                 f"rank {rank}: could not join the {world}-process group within {timeout_s:g}s "
-                f"({_first_line(exc)}); check that every rank started and MASTER_ADDR/PORT are reachable"
+                f"({_backend_reason(exc)}); check that every rank started and MASTER_ADDR/PORT are reachable"
             ) from exc
     return DistContext(
         rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend, timeout_s=timeout_s
@@ -211,8 +193,12 @@ def shutdown(ctx: DistContext) -> None:
             dist.destroy_process_group()
 
 
-def _first_line(exc: BaseException) -> str:
-    """The backend's message without its source location, first sentence only."""
+def _backend_reason(exc: BaseException) -> str:
+    """The backend's message without its source location, first sentence only.
+
+    Not errors.first_line: gloo and NCCL prefix their messages with ``[file.cpp:123]`` and follow the reason
+    with sentences of internals, which would crowd the one error line.
+    """
     lines = str(exc).strip().splitlines()
     text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else "") or type(exc).__name__
     return text.split(". ")[0].rstrip(".")[:200]
@@ -266,7 +252,7 @@ def peer_failures(
             raise
         if callable(last_checkpoint):
             last_checkpoint = last_checkpoint()
-        raise RankFailure(ctx.rank, ctx.timeout_s, _first_line(exc), last_checkpoint) from exc
+        raise RankFailure(ctx.rank, ctx.timeout_s, _backend_reason(exc), last_checkpoint) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,26 +281,20 @@ class StatsSyncReport:
         )
 
 
-def _is_plain_batchnorm(module: nn.Module) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return isinstance(module, _BatchNorm)
-
-
 def configure_stats_sync(
     model: nn.Module, mode: str, ctx: DistContext, process_group: ProcessGroup | None = None
 ) -> StatsSyncReport:
     """Set every BatchRenormNd of `model` to the `mode` statistics over `process_group` (default: WORLD).
 
     Call on the bare model before :func:`wrap_model`. With one process it only records the mode. Plain
-    BatchNorm layers left unconverted (e.g. ``--exclude``'d) become SyncBatchNorm in global mode on GPU
+    BatchNorm layers left unconverted (e.g. excluded by ``exclude``) become SyncBatchNorm in global mode on GPU
     (SyncBatchNorm has no CPU path); otherwise they normalize per rank and :func:`average_batchnorm_buffers`
     keeps their running statistics equal. We never call ``SyncBatchNorm.convert_sync_batchnorm`` on the whole
     model: it is the renorm layers' job to be synchronized (GUIDE section 5).
     """
     from torch import nn
 
-    from brn_cli.nn.layer import BatchRenormNd
+    from brn_cli.nn.norms import is_torch_batch_norm, renorm_layers
 
     mode = parse_stats_sync(mode)
     group = None
@@ -322,12 +302,10 @@ def configure_stats_sync(
         import torch.distributed as dist
 
         group = process_group if process_group is not None else dist.group.WORLD
-    renorm = 0
-    for module in model.modules():
-        if isinstance(module, BatchRenormNd):
-            module.process_group = group
-            module.average_stats = mode == "local"
-            renorm += 1
+    renorm = renorm_layers(model)
+    for _, module in renorm:
+        module.process_group = group
+        module.average_stats = mode == "local"
 
     synced: list[str] = []
     local: list[str] = []
@@ -335,18 +313,20 @@ def configure_stats_sync(
     on_gpu = ctx.device.startswith("cuda")
     if ctx.distributed:
         for name, module in list(model.named_modules()):
-            if not _is_plain_batchnorm(module) or isinstance(module, nn.SyncBatchNorm):
+            if not is_torch_batch_norm(module) or isinstance(module, nn.SyncBatchNorm):
                 continue
             if mode == "global" and on_gpu and type(module) in plain_types:
                 _replace_with_sync_bn(model, name, module, group)
                 synced.append(name)
             else:
                 local.append(name)
-    return StatsSyncReport(mode=mode, renorm_layers=renorm, sync_batchnorm=synced, local_batchnorm=local)
+    return StatsSyncReport(mode=mode, renorm_layers=len(renorm), sync_batchnorm=synced, local_batchnorm=local)
 
 
 def _replace_with_sync_bn(model: nn.Module, name: str, bn: nn.Module, group) -> None:
     from torch import nn
+
+    from brn_cli.nn.norms import set_submodule
 
     sync = nn.SyncBatchNorm(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group=group
@@ -357,9 +337,7 @@ def _replace_with_sync_bn(model: nn.Module, name: str, bn: nn.Module, group) -> 
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(sync, name, getattr(bn, name))
     sync.train(bn.training)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, sync)
+    set_submodule(model, name, sync)
 
 
 @contextlib.contextmanager
@@ -369,13 +347,12 @@ def stats_sync_suspended(model: nn.Module) -> Iterator[None]:
     Ranks evaluate different numbers of batches, so a collective inside an evaluation forward (batch-stats
     evaluation runs the training path) would wait for a peer that never calls it.
     """
-    from brn_cli.nn.layer import BatchRenormNd
+    from brn_cli.nn.norms import renorm_layers
 
     saved = []
-    for module in model.modules():
-        if isinstance(module, BatchRenormNd):
-            saved.append((module, module.process_group))
-            module.process_group = None
+    for _, module in renorm_layers(model):
+        saved.append((module, module.process_group))
+        module.process_group = None
     try:
         yield
     finally:
@@ -427,10 +404,12 @@ def average_batchnorm_buffers(model: nn.Module, ctx: DistContext) -> int:
     import torch
     import torch.distributed as dist
 
+    from brn_cli.nn.norms import has_running_stats, is_torch_batch_norm
+
     tensors = []
     layers = 0
     for module in unwrap(model).modules():
-        if _is_plain_batchnorm(module) and module.running_mean is not None:
+        if is_torch_batch_norm(module) and has_running_stats(module):
             tensors += [module.running_mean, module.running_var]
             layers += 1
     if not tensors:

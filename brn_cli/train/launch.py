@@ -1,9 +1,10 @@
-"""``brn finetune --nproc N``: starts ``python -m torch.distributed.run`` on this machine and
+"""Fine-tuning on ``nproc`` local processes: starts ``python -m torch.distributed.run`` on this machine and
 collects rank 0's result (each worker runs :func:`brn_cli.train.finetune.run_finetune`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,16 +16,17 @@ from typing import TYPE_CHECKING, Any
 from brn_cli.errors import BrnError
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from brn_cli.train.config import FinetuneConfig
 
 
 def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m <module_args...>``.
+    """The torchrun command line that starts `nproc` copies of ``python -m <module_args...>``.
 
-    --standalone runs a local rendezvous on a free port, so parallel jobs on one machine do not collide.
+    torchrun's standalone mode runs a local rendezvous on a free port, so parallel jobs on one machine do
+    not collide.
     """
     if nproc < 1:
-        raise BrnError(f"--nproc must be >= 1, got {nproc}")
+        raise BrnError(f"`nproc` must be >= 1, got {nproc}")
     return [
         sys.executable,
         "-m",
@@ -36,15 +38,65 @@ def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
     ]
 
 
+def check_launch(config: FinetuneConfig, nproc: int) -> None:
+    """Check, once and before any process starts, what each of the `nproc` processes would check before it
+    trains: the settings, the run to resume (its folder, the settings it recorded and what may change), the
+    split of its global batch over `nproc` processes, the data options and that the data and the
+    checkpoint exist. A mistake is then one BrnError here, rather than one message per process followed by
+    torchrun's failure report. Reads no data, builds no model, writes nothing.
+    """
+    from brn_cli.data.samplers import parse_sampler
+    from brn_cli.data.specs import check_data_spec
+    from brn_cli.storage.checkpoint import _check_file
+    from brn_cli.train.config import validate
+    from brn_cli.train.distributed import launched_by_torchrun
+    from brn_cli.train.trainer import read_resume_state
+
+    if nproc < 1:
+        raise BrnError(f"`nproc` must be >= 1, got {nproc}")
+    if launched_by_torchrun():
+        raise BrnError("`nproc` launches torchrun itself; under torchrun leave it out")
+    config, resume_state = read_resume_state(config)
+    validate(config)
+    parse_sampler(config.sampler)
+    if resume_state is not None:
+        batch = _per_process_batch(config, int(resume_state.get("world_size", 1)), nproc)
+        validate(dataclasses.replace(config, batch_size=batch))
+    check_data_spec(
+        config.data,
+        val_split=config.val_split,
+        normalize=config.normalize,
+        image_size=config.image_size,
+        resize_size=config.resize_size,
+        channels=config.channels,
+        augment=config.augment,
+    )
+    if resume_state is None:  # a resumed run starts from its own last.pt, read above
+        _check_file(Path(config.checkpoint))
+
+
+def _per_process_batch(config: FinetuneConfig, saved_world_size: int, world_size: int) -> int:
+    """The batch of each of `world_size` processes continuing a run saved by `saved_world_size`: the global
+    batch stays the same, so the data order and the schedules carry on."""
+    global_batch = config.batch_size * saved_world_size
+    if global_batch % world_size:
+        raise BrnError(
+            f"`resume`: the run's global batch {global_batch} does not split over {world_size} processes"
+        )
+    return global_batch // world_size
+
+
 def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None, progress: bool = True) -> Any:
     """Run :func:`brn_cli.train.finetune.run_finetune` on `nproc` local processes via torchrun; return its result.
 
     The config travels as JSON (it is JSON-serialisable by contract) and rank 0 writes the FinetuneResult
     back as JSON. If a rank fails, torchrun stops the others; we raise one BrnError naming the newest
-    complete checkpoint in the run folder. `timeout_s` bounds the whole launch (None: no bound).
+    complete checkpoint in the run folder. `timeout_s` bounds the whole launch (None: no bound). The
+    configuration is checked first (:func:`check_launch`), so a mistake is reported once.
     """
     from dataclasses import asdict
 
+    check_launch(config, nproc)
     with tempfile.TemporaryDirectory(prefix="brn-launch-") as tmp:
         config_path = Path(tmp) / "config.json"
         result_path = Path(tmp) / "result.json"
@@ -66,8 +118,8 @@ def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None, 
 
             last = last_complete_checkpoint(config.output)
             raise FinetuneInterrupted(
-                f"interrupted; the last complete checkpoint is {last} (continue with --resume "
-                f"{config.output})",
+                f"interrupted; the last complete checkpoint is {last} (continue with "
+                f"`resume={config.output}`)",
                 2,
             ) from None
         if returncode != 0 or not result_path.exists():
@@ -96,7 +148,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0, signal_first: bool = Tr
 
 
 def last_complete_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """``last.pt`` of the run (what --resume continues from), else its newest ``*.pt``.
+    """``last.pt`` of the run (what ``resume`` continues from), else its newest ``*.pt``.
 
     Checkpoints are written atomically, so any file that exists is complete.
     """
