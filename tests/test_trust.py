@@ -562,6 +562,14 @@ def test_inspect_prints_names_from_files_as_plain_text(run_cli, tmp_path):
     assert "\x1b" not in res.out
 
 
+def test_convert_prints_names_from_files_as_plain_text(run_cli, tmp_path):
+    torch.save(odd_names().state_dict(), tmp_path / "odd.pt")
+    res = run_cli("convert", tmp_path / "odd.pt", "--arch", "test_trust:odd_names", "--dry-run")
+    assert res.code == 0, res.err
+    assert "\x1b" not in res.out
+    assert "[red]x[/red]\\x1b[31m" in res.out  # the layer name in the table, shown literally
+
+
 def test_error_lines_show_names_from_files_as_plain_text(run_cli, tmp_path):
     torch.save({"\x1b[2J\x1b[31mevil": torch.zeros(1)}, tmp_path / "keys.pt")
     res = run_cli("inspect", tmp_path / "keys.pt", "--arch", SAMPLE_ARCH)

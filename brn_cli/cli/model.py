@@ -184,10 +184,13 @@ def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool
     for col in ("layer", "from", "to / skipped because"):
         table.add_column(col)
     for d in decisions:
+        # Layer names and types come from the file: plain text, never markup.
         table.add_row(
-            d.name,
-            d.source_type,
-            f"[green]{d.target_type}[/green]" if d.action == "convert" else f"[yellow]{d.reason}[/yellow]",
+            Text(file_text(d.name)),
+            Text(file_text(d.source_type)),
+            Text(d.target_type, style="green")
+            if d.action == "convert"
+            else Text(file_text(d.reason), style="yellow"),
         )
     out.print(table)
     verb = "would convert" if dry_run else "converted"
