@@ -7,6 +7,7 @@ for a fresh torch import); the malicious-pickle check also runs `python -m brn_c
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import random
@@ -18,6 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from brn_cli.errors import BrnError
+
+app_module = importlib.import_module("brn_cli.cli.app")  # the module: brn_cli.cli.app is the Typer app
 
 ARCH = ["--arch", "torchvision:shufflenet_v2_x0_5", "--arch-kwargs", '{"num_classes": 10}']
 SHAPE = ["--input-shape", "2,3,64,64"]
@@ -547,3 +552,27 @@ def test_no_library_module_names_a_command_line_flag():
                 flags = sorted(set(FLAG_PATTERN.findall(node.value)) - TORCHRUN_OPTIONS)
                 offenders += [f"{path.relative_to(REPO)}:{node.lineno}: {flag}" for flag in flags]
     assert not offenders, "library strings that name command-line flags:\n" + "\n".join(offenders)
+
+
+class _FailsInAWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise BrnError(f"example {index}: `channels` does not match", param="channels")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_its_own_one_line(monkeypatch, capsys):
+    loader = torch.utils.data.DataLoader(_FailsInAWorker(), num_workers=1)
+    with pytest.raises(BrnError) as raised:
+        next(iter(loader))
+    assert "Original Traceback" in str(raised.value)  # what torch hands back: the worker's traceback
+
+    def fails(*_args, **_kwargs):
+        raise raised.value
+
+    monkeypatch.setattr("brn_cli.data.samplers.parse_sampler", fails)  # evaluate's first library call
+    with pytest.raises(SystemExit) as exited:
+        app_module.main(["evaluate", "model.pt", "--data", "data.npz"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.splitlines() == ["brn: error: example 0: --channels does not match"]

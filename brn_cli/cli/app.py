@@ -130,7 +130,8 @@ def _run_app(args: list[str]) -> int:
     except BrnError as exc:
         if DEBUG["on"]:
             raise
-        sys.stderr.write(f"brn: error: {with_flags(str(exc), args, subject=exc.param)}\n")
+        message = _own_message(str(exc))
+        sys.stderr.write(f"brn: error: {with_flags(message, args, subject=exc.param)}\n")
         return exc.exit_code
     except Exception as exc:
         return _unexpected(exc)
@@ -204,6 +205,16 @@ def _flag(options: dict[str, Any], name: str, value: str | None) -> str | None:
         off = option.secondary_opts[0] if option.secondary_opts else None
         return flag if value == "True" else off
     return flag if value is None else f"{flag} {value}"
+
+
+def _own_message(text: str) -> str:
+    """The BrnError's own line. An error raised in a DataLoader worker comes back with the worker's traceback
+    as its message ("Caught BrnError in DataLoader worker process 0 ... brn_cli.errors.BrnError: <line>"):
+    its last line, without the class name, is what was raised."""
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith("brn_cli.") and ": " in last else last
 
 
 def _interrupted() -> int:
