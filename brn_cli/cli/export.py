@@ -149,10 +149,9 @@ def export_onnx_cmd(
         _print_export_report(report)
     if not report.written:
         v = report.verify
-        raise VerificationError(
-            f"verification failed: max abs error {v.max_abs:.3g} beyond --atol {v.atol:g} / --rtol {v.rtol:g}; "
-            f"{output} not written"
-        )
+        mismatch = next((c.mismatch for c in v.checks if c.mismatch), None)
+        why = mismatch or f"max abs error {v.max_abs:.3g} beyond --atol {v.atol:g} / --rtol {v.rtol:g}"
+        raise VerificationError(f"verification failed: {why}; {output} not written")
     if not as_json:
         _print_onnx_written(report, output)
 
@@ -162,7 +161,8 @@ def _print_onnx_written(report, output: Path) -> None:
         f"wrote {output} ({human_size(report.size_bytes)}"
         f"{', weights in ' + output.name + '.data' if report.external_data else ''}) "
         f"in {report.export_seconds:.2f} s export ({report.exporter} exporter, opset {report.opset}, "
-        f"input {report.input_shape}, batch dynamic{', fp16' if report.fp16 else ''})"
+        f"input {report.input_shape}, {'batch dynamic' if report.dynamic_batch else 'one input per image'}"
+        f"{', fp16' if report.fp16 else ''})"
     )
 
 

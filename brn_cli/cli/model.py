@@ -70,10 +70,35 @@ def inspect_cmd(
     if not report.norms:
         out.print("no normalization layers")
         return
+    _print_norm_table(report.norms)
+    foldable = sum(1 for n in report.norms if n.fold_into)
+    unhealthy = sum(1 for n in report.norms if n.health not in ("ok", "no running stats"))
+    out.print(
+        f"{len(report.norms)} normalization layers, {foldable} foldable, "
+        f"{unhealthy} with unhealthy running statistics"
+    )
+    frozen = sum(1 for n in report.norms if n.frozen)
+    if frozen:
+        out.print(
+            f"{frozen} frozen norms: brn convert keeps them frozen unless given --frozen convert or convert-all"
+        )
+
+
+def _print_norm_table(norms) -> None:
+    """One row per normalization layer; names, types and reasons come from the file: plain text."""
     table = Table(show_lines=False)
-    for col in ("layer", "type", "C", "eps", "momentum", "fold into / why not", "running stats"):
+    for col in (
+        "layer",
+        "type",
+        "C",
+        "eps",
+        "momentum",
+        "fold into / why not",
+        "running stats",
+        "brn convert",
+    ):
         table.add_column(col)
-    for n in report.norms:
+    for n in norms:
         if n.fold_into:
             fold = Text(file_text(n.fold_into), style="green")
         else:
@@ -88,14 +113,9 @@ def inspect_cmd(
             mom,
             fold,
             Text(file_text(n.health), style="" if healthy else "red"),
+            Text(with_flags(file_text(n.on_convert or "-", 400), ["convert"])),
         )
     out.print(table)
-    foldable = sum(1 for n in report.norms if n.fold_into)
-    unhealthy = sum(1 for n in report.norms if n.health not in ("ok", "no running stats"))
-    out.print(
-        f"{len(report.norms)} normalization layers, {foldable} foldable, "
-        f"{unhealthy} with unhealthy running statistics"
-    )
 
 
 @app.command("convert")
@@ -117,6 +137,14 @@ def convert_cmd(
     momentum: Annotated[
         float, typer.Option("--momentum", help="Moving-average rate of mu and sigma (the paper's alpha).")
     ] = 0.01,
+    frozen: Annotated[
+        str,
+        typer.Option(
+            "--frozen",
+            help="Frozen BatchNorms (FrozenBatchNorm2d, as in torchvision detectors): keep (leave them frozen), "
+            "convert (trainable renorm, except in stages whose convolutions are frozen), or convert-all.",
+        ),
+    ] = "keep",
     input_shape: InputShapeOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would convert; write nothing.")
@@ -140,7 +168,12 @@ def convert_cmd(
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
     # A dry run shows the decisions even when every layer is skipped.
     decisions = plan_checked(
-        ckpt.model, include=include, exclude=exclude, source=checkpoint.name, require_conversion=not dry_run
+        ckpt.model,
+        include=include,
+        exclude=exclude,
+        frozen=frozen,
+        source=checkpoint.name,
+        require_conversion=not dry_run,
     )
     for d in decisions:  # a reason names the library's parameters; show this command's flags
         d.reason = d.reason and with_flags(d.reason, ["convert"])
@@ -163,6 +196,7 @@ def convert_cmd(
                 momentum=momentum,
                 include=include,
                 exclude=exclude,
+                frozen=frozen,
             )
         except VerificationError as exc:
             raise VerificationError(f"{exc}; nothing written") from None
@@ -198,6 +232,15 @@ def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool
         f"{verb} {result['converted']} of {len(decisions)} BatchNorm layers (momentum {momentum:g}, "
         "rmax 1, dmax 0: unchanged until a schedule relaxes them)"
     )
+    kept_frozen = [d for d in decisions if d.frozen and d.action != "convert"]
+    if kept_frozen:
+        advice = (
+            "--frozen convert-all converts them too"
+            if any("frozen stage" in (d.reason or "") for d in kept_frozen)
+            else "--frozen convert converts them"
+        )
+        kinds = ", ".join(sorted({file_text(d.source_type, 60) for d in kept_frozen}))
+        out.print(Text(f"{len(kept_frozen)} frozen norms ({kinds}) kept frozen; {advice}"))
     if not dry_run:
         out.print(
             f"eval outputs on input {result['input_shape']}: "

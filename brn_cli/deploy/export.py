@@ -52,6 +52,7 @@ __all__ = [
     "export_onnx",
     "export_onnx_checked",
     "onnx_op_counts",
+    "takes_image_list",
 ]
 
 DEFAULT_OPSET = 18
@@ -71,7 +72,7 @@ def default_tolerances(fp16: bool) -> tuple[float, float]:
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | list[torch.Tensor],
     path: str | os.PathLike,
     *,
     opset: int = DEFAULT_OPSET,
@@ -84,7 +85,10 @@ def export_onnx(
 
     `keep_batchnorm=True` stops the exporter from fusing Conv+BatchNormalization itself (both exporters do
     by default), so that an unfolded export really contains its BatchNormalization nodes. `external_data`
-    stores weights in a side file (needed past 2 GB).
+    stores weights in a side file (needed past 2 GB). A list `example_input` (a torchvision detector's
+    images) becomes one graph input per image, ``image_0, image_1, ...``, of fixed shape: the detector's
+    forward loops over the list, so the number of images is part of the graph; the first axis of every
+    output (the number of detections) stays dynamic.
     """
     if exporter not in EXPORTERS:
         raise BrnError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -92,17 +96,23 @@ def export_onnx(
     with torch.no_grad():
         n_out = len(flat_outputs(model(example_input)))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    image_list = isinstance(example_input, list)
+    input_names = [f"image_{i}" for i in range(len(example_input))] if image_list else ["input"]
+    if image_list:
+        dynamic_batch = False
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer warnings
         if exporter == "legacy":
             axes = {name: {0: "batch"} for name in ["input", *output_names]} if dynamic_batch else None
+            if image_list:
+                axes = {name: {0: f"{name}_rows"} for name in output_names}
             torch.onnx.export(
                 model,
                 (example_input,),
                 str(path),
                 dynamo=False,
-                input_names=["input"],
+                input_names=input_names,
                 output_names=output_names,
                 dynamic_axes=axes,
                 opset_version=opset,
@@ -114,7 +124,7 @@ def export_onnx(
                 model,
                 (example_input,),
                 dynamo=True,
-                input_names=["input"],
+                input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=shapes,
                 opset_version=opset,
@@ -123,6 +133,16 @@ def export_onnx(
             )
             program.save(str(path), external_data=external_data)
     return time.perf_counter() - start
+
+
+def takes_image_list(model: nn.Module) -> bool:
+    """True for a torchvision detector (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD): its forward takes
+    a list of 3-D images and returns one dict of tensors per image."""
+    try:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    except ImportError:
+        return False
+    return isinstance(getattr(model, "transform", None), GeneralizedRCNNTransform)
 
 
 def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
@@ -178,6 +198,7 @@ class OnnxExportReport:
     verify: VerifyReport | None = None
     benchmark: BenchmarkResult | None = None
     written: bool = False
+    dynamic_batch: bool = True  # False for a detector: one graph input per image
 
     @property
     def batchnorm_nodes(self) -> int:
@@ -190,6 +211,7 @@ class OnnxExportReport:
             "exporter": self.exporter,
             "opset": self.opset,
             "input_shape": self.input_shape,
+            "dynamic_batch": self.dynamic_batch,
             "fp16": self.fp16,
             "fold": self.fold.to_dict() if self.fold is not None else None,
             "export_seconds": self.export_seconds,
@@ -358,6 +380,7 @@ def _export_onnx_checked(
 ) -> OnnxExportReport:
     example = _example_input(reference, shape)
     export_model, example, fold_result = _model_to_export(reference, example, fold=fold, fp16=fp16, step=step)
+    batch_dynamic = not isinstance(example, list)
     default_atol, default_rtol = default_tolerances(fp16)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
@@ -373,6 +396,7 @@ def _export_onnx_checked(
         size_bytes=0,
         op_counts={},
         external_data=external,
+        dynamic_batch=batch_dynamic,
     )
     try:
         with _staged_output(target, external=external, force=force) as tmp:
@@ -380,7 +404,9 @@ def _export_onnx_checked(
             _export_into(report, export_model, example, tmp, keep_batchnorm=not fold)
             if verify:
                 step("verifying with onnxruntime")
-                report.verify = verify_onnx(tmp, reference, shape, atol=atol, rtol=rtol)
+                report.verify = verify_onnx(
+                    tmp, reference, shape, atol=atol, rtol=rtol, image_list=isinstance(example, list)
+                )
                 if not report.verify.passed:
                     raise _VerificationFailed
             if benchmark:
@@ -401,11 +427,18 @@ def _export_onnx_checked(
     return report
 
 
-def _example_input(model: nn.Module, shape: list[int]) -> torch.Tensor:
+Example = torch.Tensor | list[torch.Tensor]
+
+
+def _example_input(model: nn.Module, shape: list[int]) -> Example:
     """A random input of `shape` in the model's dtype, checked to run; its batch is at least 2, so the exporter
-    cannot specialise the batch axis to 1."""
+    cannot specialise the batch axis to 1. A torchvision detector gets a list of `shape[0]` images in
+    [0, 1] instead: its graph has one input per image."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    example = torch.randn(max(2, shape[0]), *shape[1:], dtype=dtype)
+    if takes_image_list(model):
+        example: Example = list(torch.rand(shape[0], *shape[1:], dtype=dtype).unbind(0))
+    else:
+        example = torch.randn(max(2, shape[0]), *shape[1:], dtype=dtype)
     try:
         with torch.no_grad():
             if not flat_outputs(model(example)):
@@ -421,11 +454,17 @@ def _example_input(model: nn.Module, shape: list[int]) -> torch.Tensor:
 
 
 def _model_to_export(
-    model: nn.Module, example: torch.Tensor, *, fold: bool, fp16: bool, step: Callable[[str], None]
-) -> tuple[nn.Module, torch.Tensor, FoldResult | None]:
+    model: nn.Module, example: Example, *, fold: bool, fp16: bool, step: Callable[[str], None]
+) -> tuple[nn.Module, Example, FoldResult | None]:
     """(the model to export, its example input, the fold result): a folded copy of `model`, or a plain copy
     with ``fold=False``; cast to float16 after folding, so the folding arithmetic stays in full precision."""
     fold_result: FoldResult | None = None
+    if fold and isinstance(example, list):
+        raise BrnError(
+            "a torchvision detector cannot be folded: torch.fx cannot trace its forward (a loop over the "
+            "list of images); pass `fold=False` to export without folding",
+            param="fold",
+        )
     if fold:
         step("folding norms")
         try:
@@ -437,7 +476,7 @@ def _model_to_export(
         export_model = copy.deepcopy(model).eval()
     if fp16:
         export_model = export_model.half()
-        example = example.half()
+        example = [t.half() for t in example] if isinstance(example, list) else example.half()
     return export_model, example, fold_result
 
 

@@ -4,7 +4,8 @@ In eval mode a BatchNorm or Batch Renorm layer is the per-channel affine map
 
     y = gamma * (x - mu) / sqrt(var + eps) + beta = s * x + (beta - s * mu),   s = gamma / sqrt(var + eps)
 
-(renorm stores sigma^2 - eps in ``running_var``, so this is the same expression). When the producer of
+(renorm stores sigma^2 - eps in ``running_var``, so this is the same expression; a frozen BatchNorm,
+torchvision's or timm's FrozenBatchNorm2d, is this map with the same buffers). When the producer of
 ``x`` is a convolution or a linear layer whose output nothing else reads, the map folds into its weights:
 
 * Conv (any dims, any groups, weight [Cout, Cin/g, k...]): ``W'[c] = W[c] * s[c]``,
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from brn_cli.deploy.graph import FoldSite, find_fold_sites, trace
 from brn_cli.nn.norms import (
     has_running_stats,
+    is_frozen_batch_norm,
     is_renorm,
     is_timm_norm_act,
     is_torch_batch_norm,
@@ -115,6 +117,8 @@ def _unknown_behaviour(norm: nn.Module) -> str | None:
     """Why `norm` is not a plain (norm [+ drop + act]) module, or None when it is."""
     if is_renorm(norm) or is_timm_norm_act(norm) or runs_torch_batch_norm_forward(norm):
         return None
+    if is_frozen_batch_norm(norm):  # torchvision's and timm's: the same affine map (timm's Act adds drop/act)
+        return None
     return f"{type(norm).__qualname__} overrides forward(); left unchanged"
 
 
@@ -162,7 +166,8 @@ def _producer_problem(producer: nn.Module) -> str | None:
 
 
 def fold_model(model: nn.Module, example_inputs: Sequence[Tensor] | None = None) -> FoldResult:
-    """Fold every inference-form BatchNorm / Batch Renorm layer of a copy of `model` into its producer.
+    """Fold every inference-form BatchNorm / Batch Renorm / frozen BatchNorm layer of a copy of `model` into
+    its producer.
 
     The input model is not modified: the work happens on a deep copy, returned in eval mode (the folded
     weights are only valid for inference). Pass `example_inputs` (a tuple of tensors for ``model(*inputs)``)

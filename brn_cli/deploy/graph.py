@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from brn_cli.errors import first_line
-from brn_cli.nn.norms import has_running_stats, is_batch_norm
+from brn_cli.nn.norms import folds_as_batch_norm, is_batch_norm, is_frozen_batch_norm, norm_channels
 
 FOLDABLE_PRODUCERS = (
     nn.Conv1d,
@@ -43,7 +43,7 @@ class LeafTracer(fx.Tracer):
     """fx tracer that keeps norms, convs and linears (and torch.nn's own modules) as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_batch_norm(m) or isinstance(m, FOLDABLE_PRODUCERS):
+        if is_batch_norm(m) or is_frozen_batch_norm(m) or isinstance(m, FOLDABLE_PRODUCERS):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -105,7 +105,8 @@ def _linear_output_rank(node: fx.Node) -> int | None:
 def find_fold_sites(
     model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None, gm: fx.GraphModule | None = None
 ) -> list[FoldSite]:
-    """For every norm module with running statistics: its foldable producer, or why there is none.
+    """For every norm module with running statistics (frozen BatchNorms included): its foldable producer, or
+    why there is none.
 
     With `example_inputs`, shapes are propagated so a Linear is only accepted when the norm runs over its
     output features (a 2-D output). Raises :class:`TraceError` when the model cannot be traced.
@@ -122,7 +123,7 @@ def find_fold_sites(
     sites: list[FoldSite] = []
     seen: set[str] = set()
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not has_running_stats(gm.get_submodule(node.target)):
+        if node.op != "call_module" or not folds_as_batch_norm(gm.get_submodule(node.target)):
             continue
         name = str(node.target)
         if name in seen:
@@ -138,7 +139,7 @@ def _feeds_from_linear(gm: fx.GraphModule) -> bool:
     """Whether a norm with running statistics takes its input straight from a Linear module."""
     return any(
         n.op == "call_module"
-        and has_running_stats(gm.get_submodule(n.target))
+        and folds_as_batch_norm(gm.get_submodule(n.target))
         and n.args
         and isinstance(n.args[0], fx.Node)
         and n.args[0].op == "call_module"
@@ -184,8 +185,8 @@ def _fold_problem(
     if src in output_nodes:
         return f"producer {src.target!r} output is also a model output"
     channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    if channels != norm.num_features:
-        return f"producer {src.target!r} has {channels} outputs, the norm {norm.num_features} channels"
+    if channels != norm_channels(norm):
+        return f"producer {src.target!r} has {channels} outputs, the norm {norm_channels(norm)} channels"
     if isinstance(producer, nn.Linear):
         rank = _linear_output_rank(src)
         if rank is None:

@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from brn_cli.deploy.graph import TraceError, find_fold_sites
-from brn_cli.nn.convert import infer_input_shape
-from brn_cli.nn.norms import is_inspected_norm, is_per_example_norm, is_renorm
+from brn_cli.nn.convert import LayerDecision, infer_input_shape, plan_conversion
+from brn_cli.nn.norms import (
+    folds_as_batch_norm,
+    is_frozen_batch_norm,
+    is_inspected_norm,
+    is_per_example_norm,
+    is_renorm,
+    norm_channels,
+)
 from brn_cli.storage.checkpoint import LoadedCheckpoint
 
 
@@ -27,6 +34,8 @@ class NormReport:
     fold_into: str | None = None
     fold_reason: str | None = None
     health: str = "ok"  # "ok", "no running stats", or what is wrong
+    frozen: bool = False  # a frozen BatchNorm (FrozenBatchNorm2d): a fixed affine map, no trainable parameter
+    on_convert: str | None = None  # what `brn convert` would do with it (frozen norms: under each `frozen`)
 
 
 @dataclass
@@ -63,6 +72,28 @@ def stats_health(module: nn.Module) -> str:
     return "; ".join(problems) if problems else "ok"
 
 
+def _convert_outcome(decision: LayerDecision) -> str:
+    return decision.target_type if decision.action == "convert" else f"skipped: {decision.reason}"
+
+
+def conversion_outcomes(model: nn.Module) -> dict[str, str]:
+    """What conversion would do with each BatchNorm-like layer of `model`, by name: the target or why it is
+    skipped; for frozen norms, the outcome under each `frozen` mode."""
+    plans = {mode: plan_conversion(model, frozen=mode) for mode in ("keep", "convert", "convert-all")}
+    outcomes = {}
+    for i, decision in enumerate(plans["keep"]):
+        if not decision.frozen:
+            outcomes[decision.name] = _convert_outcome(decision)
+            continue
+        convert, convert_all = plans["convert"][i], plans["convert-all"][i]
+        if convert.action == "convert" or convert_all.action != "convert":
+            converted = f"`frozen=convert`: {_convert_outcome(convert)}"
+        else:
+            converted = f"`frozen=convert`: kept frozen (frozen stage); `frozen=convert-all`: {convert_all.target_type}"
+        outcomes[decision.name] = f"kept frozen by default; {converted}"
+    return outcomes
+
+
 def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) -> InspectReport:
     """Describe every normalization layer of a loaded checkpoint, with its fold decision and health."""
     model = ckpt.model
@@ -90,10 +121,13 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
         else:
             report.trace_error = f"shape propagation failed ({type(exc).__name__}); Linear folds unconfirmed"
 
+    outcomes = conversion_outcomes(model)
     for name, module in model.named_modules():
         if not is_inspected_norm(module):
             continue
         channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+        if channels is None and folds_as_batch_norm(module):
+            channels = norm_channels(module)
         if channels is None and isinstance(module, nn.LayerNorm):
             channels = int(math.prod(module.normalized_shape))
         momentum = getattr(module, "momentum", None)
@@ -106,6 +140,8 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
             rmax=float(module.rmax) if is_renorm(module) else None,
             dmax=float(module.dmax) if is_renorm(module) else None,
             health=stats_health(module),
+            frozen=is_frozen_batch_norm(module),
+            on_convert=outcomes.get(name),
         )
         site = sites.get(name)
         if site is not None:

@@ -56,6 +56,7 @@ class VerifyCheck:
     max_rel: float
     top1: float | None
     passed: bool
+    mismatch: str | None = None  # how the outputs differ in count or shape, when they do
 
 
 @dataclass
@@ -150,20 +151,88 @@ def _session(path: str | os.PathLike, provider: str, level: str, threads: int | 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
-    return [t.detach().float().cpu().numpy() for t in flat_outputs(model(x))]
+def _outputs(model: nn.Module, x: torch.Tensor, image_list: bool) -> list[np.ndarray]:
+    model_input = list(x.unbind(0)) if image_list else x
+    return [t.detach().float().cpu().numpy() for t in flat_outputs(model(model_input))]
 
 
 def _inputs(
-    shape: Sequence[int], batch: int, count: int, seed: int, dtype: torch.dtype
+    shape: Sequence[int], batch: int, count: int, seed: int, dtype: torch.dtype, image_list: bool
 ) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + batch)
+    if image_list:  # images in [0, 1], as a detector's transform expects them
+        return [torch.rand(batch, *shape[1:], generator=gen, dtype=dtype) for _ in range(count)]
     return [torch.randn(batch, *shape[1:], generator=gen, dtype=dtype) for _ in range(count)]
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     return ref.dtype if ref is not None else torch.float32
+
+
+def _feed(sess, x: torch.Tensor, image_list: bool) -> dict[str, np.ndarray]:
+    """ORT's inputs for one batch: the batch itself, or one image per graph input for an image-list model."""
+    inputs = sess.get_inputs()
+    parts = list(x.unbind(0)) if image_list else [x]
+    if len(inputs) != len(parts):
+        raise BrnError(f"the ONNX graph takes {len(inputs)} inputs; the check feeds {len(parts)}")
+    return {
+        i.name: p.numpy().astype(_ORT_DTYPES.get(i.type, np.float32))
+        for i, p in zip(inputs, parts, strict=True)
+    }
+
+
+@dataclass
+class _Tally:
+    """Running comparison of one check's outputs."""
+
+    atol: float
+    rtol: float
+    classifier: bool = True  # count arg-max agreement of [N, K] outputs (not for a detector's boxes)
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    agree: int = 0
+    rows: int = 0
+    ok: bool = True
+    mismatch: str | None = None
+
+    def add(self, got: list[np.ndarray], want: list[np.ndarray]) -> None:
+        """Compare every ONNX output with the flattened PyTorch output in the same position."""
+        if len(got) != len(want):
+            self._fail(f"the ONNX graph returns {len(got)} output tensors, the PyTorch model {len(want)}")
+            return
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            g = np.asarray(g, dtype=np.float64)
+            w = w.astype(np.float64)
+            if g.shape != w.shape:
+                self._fail(f"output tensor {i}: ONNX shape {list(g.shape)}, PyTorch {list(w.shape)}")
+                continue
+            self._add_tensor(g, w)
+        w0 = want[0] if want else None
+        if (
+            self.classifier
+            and w0 is not None
+            and w0.ndim == 2
+            and w0.shape[1] > 1
+            and got[0].shape == w0.shape
+        ):
+            self.agree += int((np.argmax(got[0], 1) == np.argmax(w0, 1)).sum())
+            self.rows += w0.shape[0]
+
+    def _add_tensor(self, g: np.ndarray, w: np.ndarray) -> None:
+        if not np.all(np.isfinite(g)) and not np.array_equal(np.isfinite(g), np.isfinite(w)):
+            self.ok = False
+        diff = np.abs(g - w)
+        worst = float(np.where(np.isfinite(diff), diff, np.inf).max(initial=0.0))
+        scale = float(np.abs(w).max(initial=0.0))
+        self.max_abs = max(self.max_abs, worst)
+        self.max_rel = max(self.max_rel, worst / max(scale, 1e-30))
+        self.ok = self.ok and worst <= self.atol + self.rtol * scale
+
+    def _fail(self, why: str) -> None:
+        self.ok = False
+        self.max_abs = self.max_rel = float("inf")
+        self.mismatch = self.mismatch or why
 
 
 @torch.no_grad()
@@ -179,66 +248,47 @@ def verify_onnx(
     providers: Sequence[str] | None = None,
     optimization_levels: Sequence[str] = _OPT_LEVELS,
     seed: int = 0,
+    image_list: bool = False,
 ) -> VerifyReport:
     """Compare the ONNX file at `path` with `reference` (put in eval mode for the call) on random inputs.
 
-    `batches` defaults to (1, max(2, input_shape[0])). Inputs are drawn in the reference model's dtype and
-    cast to the ONNX input's dtype (an fp16 export is compared against the fp32 reference).
+    Every output tensor is compared: the ONNX outputs in order against the PyTorch outputs flattened by
+    :func:`brn_cli.nn.outputs.flat_outputs`; a different count or shape fails the check and says so in
+    ``mismatch``. `batches` defaults to (1, max(2, input_shape[0])). Inputs are drawn in the reference
+    model's dtype and cast to the ONNX input's dtype (an fp16 export is compared against the fp32 reference).
+    `image_list`: the model takes a list of 3-D images (a torchvision detector) and the graph one input per
+    image, so its batch is fixed: only ``input_shape[0]`` is checked.
     """
     report = VerifyReport(atol=atol, rtol=rtol)
-    batches = list(batches) if batches is not None else [1, max(2, int(input_shape[0]))]
+    if batches is None:
+        batches = [int(input_shape[0])] if image_list else [1, max(2, int(input_shape[0]))]
     providers = list(providers) if providers is not None else ort_providers()
     was_training = reference.training
     reference.eval()
     try:
         dtype = _model_dtype(reference)
-        data = {b: _inputs(input_shape, b, inputs_per_batch, seed, dtype) for b in batches}
-        expected = {b: [_outputs(reference, x) for x in xs] for b, xs in data.items()}
+        data = {b: _inputs(input_shape, b, inputs_per_batch, seed, dtype, image_list) for b in batches}
+        expected = {b: [_outputs(reference, x, image_list) for x in xs] for b, xs in data.items()}
     finally:
         reference.train(was_training)
     for provider in providers:
         for level in optimization_levels:
             sess = _session(path, provider, level)
-            feed_name = sess.get_inputs()[0].name
-            np_dtype = _ORT_DTYPES.get(sess.get_inputs()[0].type, np.float32)
             for b in batches:
-                max_abs = max_rel = 0.0
-                agree = rows = 0
-                ok = True
+                tally = _Tally(atol=atol, rtol=rtol, classifier=not image_list)
                 for x, want in zip(data[b], expected[b], strict=True):
-                    got = sess.run(None, {feed_name: x.numpy().astype(np_dtype)})
-                    if len(got) != len(want):
-                        raise BrnError(
-                            f"the ONNX graph has {len(got)} outputs, the PyTorch model {len(want)}"
-                        )
-                    for g, w in zip(got, want, strict=True):
-                        g = np.asarray(g, dtype=np.float64)
-                        w = w.astype(np.float64)
-                        if g.shape != w.shape:
-                            raise BrnError(f"ONNX output shape {list(g.shape)} != PyTorch {list(w.shape)}")
-                        diff = np.abs(g - w)
-                        if not np.all(np.isfinite(g)) and not np.array_equal(np.isfinite(g), np.isfinite(w)):
-                            ok = False
-                        diff = np.where(np.isfinite(diff), diff, np.inf)
-                        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-                        max_rel = max(
-                            max_rel, float(diff.max(initial=0.0) / max(np.abs(w).max(initial=0.0), 1e-30))
-                        )
-                        ok = ok and bool(diff.max(initial=0.0) <= atol + rtol * np.abs(w).max(initial=0.0))
-                    w0 = want[0]
-                    if w0.ndim == 2 and w0.shape[1] > 1:
-                        agree += int((np.argmax(got[0], 1) == np.argmax(w0, 1)).sum())
-                        rows += w0.shape[0]
+                    tally.add(sess.run(None, _feed(sess, x, image_list)), want)
                 report.checks.append(
                     VerifyCheck(
                         provider=provider.replace("ExecutionProvider", ""),
                         optimization=level,
                         batch=b,
                         inputs=len(data[b]),
-                        max_abs=max_abs,
-                        max_rel=max_rel,
-                        top1=agree / rows if rows else None,
-                        passed=ok,
+                        max_abs=tally.max_abs,
+                        max_rel=tally.max_rel,
+                        top1=tally.agree / tally.rows if tally.rows else None,
+                        passed=tally.ok,
+                        mismatch=tally.mismatch,
                     )
                 )
     return report

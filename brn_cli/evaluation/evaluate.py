@@ -144,7 +144,7 @@ def evaluate(
                                 "use a larger `batch_size`"
                             ) from None
                         raise
-                logits = model_logits(output).float()
+                logits = _class_scores(output).float()
                 if len(y) and int(y.max()) >= logits.shape[1]:
                     raise BrnError(
                         f"label {int(y.max())} out of range for a model with {logits.shape[1]} outputs"
@@ -164,6 +164,17 @@ def evaluate(
 
 
 DEFAULT_BATCH = 256
+
+
+def _class_scores(output: Any) -> torch.Tensor:
+    """The class scores of one batch's output; a detector's per-image dicts are refused in one line."""
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], dict):
+        keys = ", ".join(map(str, output[0])) or "no keys"
+        raise BrnError(
+            f"the model returns a list of dicts per image ({keys}), a detector's output; "
+            "evaluate scores classifiers only (class scores [batch, classes])"
+        )
+    return model_logits(output)
 
 
 def default_batch_size(labels: torch.Tensor, sampler: str = "iid") -> int:

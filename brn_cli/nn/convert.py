@@ -9,8 +9,19 @@ Which modules convert:
   * nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm (and subclasses that do not override ``forward``);
   * timm's BatchNormAct2d / SyncBatchNormAct -> :class:`~brn_cli.nn.layer.BatchRenormAct`, keeping their
     dropout and activation children;
+  * frozen BatchNorms (torchvision's and timm's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d), only when
+    asked (``frozen``): they are a fixed affine map with BatchNorm's buffers (no ``num_batches_tracked``),
+    which a detector uses because its batches are too small for BatchNorm;
   * skipped, with the reason: layers without running statistics, subclasses that override ``forward`` with
-    behaviour brn does not know, names excluded by the user's globs.
+    behaviour brn does not know, names excluded by the user's globs, frozen norms kept frozen.
+
+``frozen`` says what happens to frozen norms:
+  * ``"keep"`` (default): they stay frozen BatchNorms, listed as skipped with the way to convert them;
+  * ``"convert"``: they become trainable renorm layers, except in frozen stages: a frozen norm whose
+    producer (the nearest convolution or linear layer before it in module order, the layer a torchvision
+    backbone freezes with it) has no trainable parameter stays a frozen BatchNorm, which is exactly a renorm
+    layer whose parameters and statistics never move;
+  * ``"convert-all"``: every frozen norm becomes a trainable renorm layer, frozen stages included.
 
 A layer selected for conversion whose running statistics hold NaN or inf (or a negative variance), or
 whose eps is not > 0, is refused with its name before anything is replaced: renorm trains from those
@@ -40,9 +51,13 @@ from brn_cli.nn.layer import (
     describe_bad_running_stats,
 )
 from brn_cli.nn.norms import (
+    frozen_norm_has_act,
     is_batch_norm,
+    is_frozen_batch_norm,
+    is_renorm,
     is_timm_norm_act,
     is_torch_batch_norm,
+    norm_channels,
     renorm_layers,
     runs_torch_batch_norm_forward,
     set_submodule,
@@ -55,6 +70,8 @@ _PLAIN_TARGETS: dict[type, type[BatchRenormNd]] = {
     nn.BatchNorm3d: BatchRenorm3d,
     nn.SyncBatchNorm: BatchRenormNd,
 }
+FROZEN_MODES = ("keep", "convert", "convert-all")
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 _LAYER_TYPES: dict[str, type[BatchRenormNd]] = {
     cls.__name__: cls for cls in (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormNd, BatchRenormAct)
 }
@@ -70,6 +87,7 @@ class LayerDecision:
     action: str  # "convert" or "skip"
     target_type: str | None = None
     reason: str | None = None
+    frozen: bool = False  # the source is a frozen BatchNorm (FrozenBatchNorm2d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,25 +117,65 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
     return None
 
 
+def check_frozen_mode(frozen: str) -> str:
+    """`frozen` if it is one of :data:`FROZEN_MODES`, else BrnError naming the parameter."""
+    if frozen not in FROZEN_MODES:
+        raise BrnError(f"`frozen` must be one of {', '.join(FROZEN_MODES)}, got {frozen!r}", param="frozen")
+    return frozen
+
+
+def _frozen_target(
+    module: nn.Module, frozen: str, producer: tuple[str, nn.Module] | None
+) -> tuple[type[BatchRenormNd] | None, str | None]:
+    """The renorm class for a frozen BatchNorm under `frozen`, or (None, why it stays frozen)."""
+    kind = type(module).__name__
+    if not all(isinstance(getattr(module, k, None), torch.Tensor) for k in ("running_mean", "running_var")):
+        return None, f"{kind} without running_mean / running_var buffers: not a BatchNorm brn knows"
+    if frozen == "keep":
+        return None, f"frozen norm ({kind}) kept frozen; `frozen=convert` converts it"
+    if frozen == "convert" and producer is not None and _frozen_producer(producer[1]):
+        return None, (
+            f"frozen norm in a frozen stage ({producer[0]!r} has no trainable parameter): kept frozen; "
+            "`frozen=convert-all` converts it too"
+        )
+    return (BatchRenormAct if frozen_norm_has_act(module) else BatchRenorm2d), None
+
+
+def _frozen_producer(producer: nn.Module) -> bool:
+    params = list(producer.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def plan_conversion(
-    model: nn.Module, *, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+    model: nn.Module,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    frozen: str = "keep",
 ) -> list[LayerDecision]:
-    """Decide, for every BatchNorm module of `model`, whether it converts and to what."""
+    """Decide, for every BatchNorm module of `model` (frozen BatchNorms included), whether it converts and to
+    what. `frozen` is "keep", "convert" or "convert-all" (see the module docstring)."""
+    check_frozen_mode(frozen)
     decisions = []
+    producer: tuple[str, nn.Module] | None = None  # the last conv / linear before a norm, in module order
     for name, module in model.named_modules():
-        if not is_torch_batch_norm(module):
+        if isinstance(module, _PRODUCERS):
+            producer = (name, module)
+        is_frozen = is_frozen_batch_norm(module)
+        if not (is_frozen or is_torch_batch_norm(module)):
             continue
-        target, reason = _target_for(module)
+        target, reason = _frozen_target(module, frozen, producer) if is_frozen else _target_for(module)
         if target is not None:
             reason = _selected(name, include, exclude)
         decisions.append(
             LayerDecision(
                 name=name,
                 source_type=type(module).__name__,
-                num_features=int(module.num_features),
+                num_features=norm_channels(module) if hasattr(module, "running_mean") else 0,
                 action="convert" if reason is None else "skip",
                 target_type=target.__name__ if reason is None and target is not None else None,
                 reason=reason,
+                frozen=is_frozen,
             )
         )
     return decisions
@@ -163,22 +221,36 @@ def plan_checked(
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    frozen: str = "keep",
     source: str = "the model",
     require_conversion: bool = True,
 ) -> list[LayerDecision]:
     """:func:`plan_conversion`, refusing in one line (naming `source`) a model with no BatchNorm layer to
-    convert, a plan that skips every layer (unless `require_conversion` is False: a dry run shows why), and
-    a layer a renorm layer cannot start from (:func:`check_convertible`)."""
-    decisions = plan_conversion(model, include=include, exclude=exclude)
+    convert, a plan that skips every layer (unless `require_conversion` is False: a dry run shows why; a
+    model of frozen norms kept frozen is told how many and how to convert them), and a layer a renorm layer
+    cannot start from (:func:`check_convertible`)."""
+    decisions = plan_conversion(model, include=include, exclude=exclude, frozen=frozen)
     if not decisions:
         raise BrnError(
             f"{source}: the model has no BatchNorm layers with running statistics; nothing to convert"
         )
     if require_conversion and not any(d.action == "convert" for d in decisions):
-        reasons = sorted({d.reason for d in decisions if d.reason})
-        raise BrnError(f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})")
+        raise BrnError(_nothing_converted(decisions, frozen))
     check_convertible(model, decisions)
     return decisions
+
+
+def _nothing_converted(decisions: Sequence[LayerDecision], frozen: str) -> str:
+    frozen_kept = [d for d in decisions if d.frozen]
+    if frozen == "keep" and len(frozen_kept) == len(decisions):
+        kinds = ", ".join(sorted({d.source_type for d in frozen_kept}))
+        return (
+            f"no layer converted: the model's {len(frozen_kept)} norms are frozen ({kinds}) and were kept "
+            "frozen; pass `frozen=convert` to convert them (norms in frozen stages stay frozen) or "
+            "`frozen=convert-all` to convert every one"
+        )
+    reasons = sorted({d.reason for d in decisions if d.reason})
+    return f"no layer converted: all {len(decisions)} skipped ({'; '.join(reasons)})"
 
 
 def renorm_from_batchnorm(
@@ -219,6 +291,32 @@ def renorm_from_batchnorm(
     return layer
 
 
+def renorm_from_frozen(
+    norm: nn.Module,
+    target: type[BatchRenormNd],
+    *,
+    momentum: float,
+    rmax: float | None = None,
+    dmax: float | None = None,
+) -> BatchRenormNd:
+    """A trainable renorm layer with a frozen BatchNorm's buffers and eps (copied, not recomputed): the same
+    eval function, now with parameters that train and statistics that move."""
+    ref = norm.running_mean
+    kwargs: dict[str, Any] = {"eps": float(norm.eps), "momentum": momentum, "rmax": rmax, "dmax": dmax}
+    kwargs.update(affine=True, device=ref.device, dtype=ref.dtype)
+    if target is BatchRenormAct:
+        layer = BatchRenormAct(ref.numel(), drop=norm.drop, act=norm.act, **kwargs)
+    else:
+        layer = target(ref.numel(), **kwargs)
+    with torch.no_grad():
+        layer.weight.copy_(norm.weight)
+        layer.bias.copy_(norm.bias)
+        layer.running_mean.copy_(norm.running_mean)
+        layer.running_var.copy_(norm.running_var)
+    layer.train(norm.training)
+    return layer
+
+
 def convert_batchnorm(
     model: nn.Module,
     *,
@@ -227,6 +325,7 @@ def convert_batchnorm(
     exclude: Sequence[str] | None = None,
     rmax: float | None = None,
     dmax: float | None = None,
+    frozen: str = "keep",
 ) -> nn.Module:
     """Replace BatchNorm modules of `model` by Batch Renorm in place; returns `model`.
 
@@ -234,18 +333,28 @@ def convert_batchnorm(
     (``layer1.*``). The new layers start at rmax=1, dmax=0 (batchnorm) unless told otherwise (and warn
     at their first training forward if nothing, e.g. a RenormScheduler, set their limits by then); `momentum`
     is the paper's alpha. Use :func:`plan_conversion` to see what would convert and why not.
+    Frozen BatchNorms (torchvision's FrozenBatchNorm2d in detectors) stay as they are unless `frozen` is
+    "convert" (trainable renorm layers, except in stages whose convolutions are frozen) or "convert-all".
     A model that is itself a BatchNorm module is returned as a new renorm module. A layer set to convert
     whose eps or running statistics renorm cannot use raises BrnError naming it, with `model` untouched.
+
+    Example::
+
+        >>> import torch
+        >>> from torchvision.ops.misc import FrozenBatchNorm2d
+        >>> from brn_cli import convert_batchnorm
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8))
+        >>> type(convert_batchnorm(model, frozen="convert")[1]).__name__
+        'BatchRenorm2d'
     """
-    decisions = plan_conversion(model, include=include, exclude=exclude)
+    decisions = plan_conversion(model, include=include, exclude=exclude, frozen=frozen)
     check_convertible(model, decisions)
     for decision in decisions:
         if decision.action != "convert":
             continue
         bn = model.get_submodule(decision.name) if decision.name else model
-        new = renorm_from_batchnorm(
-            bn, _LAYER_TYPES[decision.target_type], momentum=momentum, rmax=rmax, dmax=dmax
-        )
+        build = renorm_from_frozen if decision.frozen else renorm_from_batchnorm
+        new = build(bn, _LAYER_TYPES[decision.target_type], momentum=momentum, rmax=rmax, dmax=dmax)
         if not decision.name:
             return new
         set_submodule(model, decision.name, new)
@@ -261,7 +370,7 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
             raise BrnError(
                 f"checkpoint records renorm layer {name!r}, which the architecture lacks"
             ) from None
-        if not is_torch_batch_norm(bn):
+        if not (is_torch_batch_norm(bn) or is_frozen_batch_norm(bn)):
             raise BrnError(
                 f"checkpoint records renorm layer {name!r}, but the architecture has a "
                 f"{type(bn).__name__} there"
@@ -269,8 +378,9 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
         target = _LAYER_TYPES.get(settings.get("type", ""))
         if target is None:
             raise BrnError(f"checkpoint layer {name!r} has unknown type {settings.get('type')!r}")
+        build = renorm_from_frozen if is_frozen_batch_norm(bn) else renorm_from_batchnorm
         try:
-            new = renorm_from_batchnorm(
+            new = build(
                 bn,
                 target,
                 momentum=float(settings["momentum"]),
@@ -379,7 +489,50 @@ def _architecture_image_size(model: nn.Module, arch_spec: str | None) -> tuple[i
 def max_eval_difference(
     original: nn.Module, converted: nn.Module, input_shape: Sequence[int], *, seed: int = 0
 ) -> float:
-    """Largest |difference| between the eval-mode outputs of two models on one random input."""
+    """Largest |difference| between the eval-mode outputs of two models on one random input.
+
+    Every tensor of any nesting of lists, tuples and dicts is compared (:func:`brn_cli.nn.outputs.flat_outputs`);
+    ``inf`` when the two return different numbers or shapes of tensors (:func:`eval_output_mismatch` says how),
+    ``nan`` when neither returns a tensor. Two empty tensors of one shape (a detector that found no boxes)
+    are equal.
+    """
+    a, b = _eval_outputs(original, converted, input_shape, seed=seed)
+    if not a and not b:
+        return float("nan")
+    if output_mismatch(a, b) is not None:
+        return float("inf")
+    return max((_tensor_difference(u, v) for u, v in zip(a, b, strict=True)), default=0.0)
+
+
+def eval_output_mismatch(
+    original: nn.Module, converted: nn.Module, input_shape: Sequence[int], *, seed: int = 0
+) -> str | None:
+    """Why the two models' eval outputs cannot be compared element by element (their tensor counts or shapes
+    differ), or None when they line up; the input is :func:`max_eval_difference`'s."""
+    return output_mismatch(*_eval_outputs(original, converted, input_shape, seed=seed))
+
+
+def output_mismatch(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> str | None:
+    """One line saying where two flat output lists differ in structure, or None when count and shapes agree."""
+    if len(a) != len(b):
+        return f"the models return {len(a)} and {len(b)} output tensors"
+    for i, (u, v) in enumerate(zip(a, b, strict=True)):
+        if u.shape != v.shape:
+            return (
+                f"output tensor {i} has shape {list(u.shape)} in one model and {list(v.shape)} in the other"
+            )
+    return None
+
+
+def _tensor_difference(u: torch.Tensor, v: torch.Tensor) -> float:
+    if u.numel() == 0:
+        return 0.0
+    return float((u.double() - v.double()).abs().max())
+
+
+def _eval_outputs(
+    original: nn.Module, converted: nn.Module, input_shape: Sequence[int], *, seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     ref = next((p for p in original.parameters()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
@@ -388,13 +541,11 @@ def max_eval_difference(
     original.eval()
     converted.eval()
     try:
-        a, b = flat_outputs(original(x)), flat_outputs(converted(x))
+        with torch.no_grad():
+            return flat_outputs(original(x)), flat_outputs(converted(x))
     finally:
         original.train(was[0])
         converted.train(was[1])
-    if len(a) != len(b) or not a:
-        return float("nan")
-    return max(float((u.float() - v.float()).abs().max()) for u, v in zip(a, b, strict=True))
 
 
 @dataclass
@@ -406,6 +557,27 @@ class CheckedConversion:
     max_abs_diff: float
 
 
+def _converted_frozen(original: nn.Module, converted: nn.Module) -> bool:
+    """Whether conversion replaced a frozen BatchNorm of `original` (a whole-model swap included)."""
+    frozen = {name for name, m in original.named_modules() if is_frozen_batch_norm(m)}
+    return any(is_renorm(m) for name, m in converted.named_modules() if name in frozen)
+
+
+@torch.no_grad()
+def _largest_output(model: nn.Module, input_shape: Sequence[int], *, seed: int = 0) -> float:
+    """The largest |output| of `model` in eval mode on the random input :func:`max_eval_difference` uses."""
+    ref = next((p for p in model.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    was = model.training
+    model.eval()
+    try:
+        outputs = flat_outputs(model(x))
+    finally:
+        model.train(was)
+    return max((float(t.detach().float().abs().max()) for t in outputs if t.numel()), default=0.0)
+
+
 def convert_checked(
     model: nn.Module,
     *,
@@ -414,15 +586,18 @@ def convert_checked(
     momentum: float = 0.01,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    frozen: str = "keep",
     tolerance: float = 1e-5,
 ) -> CheckedConversion:
     """:func:`convert_batchnorm` (in place), then check that eval outputs did not change: the original and the
     converted model run on one random input of `input_shape` (default: :func:`infer_input_shape`, helped by
-    `arch_spec`). The two compute the same expression with the same kernel, so any difference beyond
-    `tolerance` is a conversion bug: VerificationError. BrnError when no shape is known or the model does not
-    run on it."""
+    `arch_spec`); `frozen` as for :func:`convert_batchnorm`. A converted BatchNorm computes the same expression
+    with the same kernel, so any difference beyond `tolerance` is a conversion bug: VerificationError. A
+    converted frozen norm computes it with BatchNorm's kernel instead of ``x * scale + shift``: rounding
+    differs by an ulp or so per layer, so `tolerance` is then relative to the largest output. BrnError when
+    no shape is known or the model does not run on it."""
     original = copy.deepcopy(model)
-    converted = convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude)
+    converted = convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude, frozen=frozen)
     shape = list(input_shape) if input_shape else infer_input_shape(converted, arch_spec=arch_spec)
     if shape is None:
         raise BrnError("cannot infer an input shape from the first layer; pass `input_shape`")
@@ -433,6 +608,8 @@ def convert_checked(
             f"the model does not run on input shape {shape} ({type(exc).__name__}: {first_line(exc)}); "
             "pass `input_shape`"
         ) from None
+    if not diff <= tolerance and _converted_frozen(original, converted):
+        tolerance *= max(1.0, _largest_output(original, shape))
     if not diff <= tolerance:
         raise VerificationError(f"conversion changed eval outputs by {diff:.3g} (expected 0)")
     return CheckedConversion(model=converted, input_shape=shape, max_abs_diff=diff)

@@ -25,6 +25,8 @@ __all__ = [
     "PER_EXAMPLE_NORM_TYPES",
     "TORCH_BATCH_NORMS",
     "collect_telemetry",
+    "folds_as_batch_norm",
+    "frozen_norm_has_act",
     "has_running_stats",
     "is_batch_norm",
     "is_frozen_batch_norm",
@@ -33,6 +35,7 @@ __all__ = [
     "is_renorm",
     "is_timm_norm_act",
     "is_torch_batch_norm",
+    "norm_channels",
     "norm_layers",
     "renorm_layer_settings",
     "renorm_layers",
@@ -80,6 +83,28 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     every check pay for the import.
     """
     return "FrozenBatchNorm" in type(module).__name__
+
+
+def frozen_norm_has_act(module: nn.Module) -> bool:
+    """timm's FrozenBatchNormAct2d: a frozen BatchNorm followed by its own `drop` and `act` children."""
+    return is_frozen_batch_norm(module) and "Act" in type(module).__name__
+
+
+def folds_as_batch_norm(module: nn.Module) -> bool:
+    """Whether `module`'s inference form is BatchNorm's per-channel affine map of fixed statistics: a
+    BatchNorm or renorm layer with running statistics, or a frozen BatchNorm (folding and export treat
+    them alike)."""
+    if has_running_stats(module):
+        return True
+    return is_frozen_batch_norm(module) and all(
+        isinstance(getattr(module, key, None), torch.Tensor) for key in ("running_mean", "running_var")
+    )
+
+
+def norm_channels(module: nn.Module) -> int:
+    """The channel count of a BatchNorm-like layer (frozen BatchNorms keep it only as their buffers' length)."""
+    features = getattr(module, "num_features", None)
+    return int(features) if features is not None else int(module.running_mean.numel())
 
 
 def is_per_example_norm(module: nn.Module) -> bool:

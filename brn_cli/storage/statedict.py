@@ -78,9 +78,11 @@ def check_state_dict_roundtrip(
     """Load `state` with ``strict=True`` into `fresh` (the user's unmodified architecture, plain BatchNorm)
     and compare its eval outputs with `reference` on one random input.
 
-    Returns {"strict_load": True, "max_abs_diff": float | None}; raises BrnError when the strict load fails.
+    Every output tensor is compared, in any nesting of lists, tuples and dicts. Returns
+    {"strict_load": True, "max_abs_diff": float | None, "mismatch": str | None}: ``mismatch`` says how the
+    outputs differ in number or shape (then ``max_abs_diff`` is inf); raises BrnError when the strict load fails.
     """
-    from brn_cli.nn.convert import max_eval_difference
+    from brn_cli.nn.convert import eval_output_mismatch, max_eval_difference
 
     try:
         fresh.load_state_dict(dict(state), strict=True)
@@ -89,5 +91,10 @@ def check_state_dict_roundtrip(
             f"the exported state_dict does not load strictly into the original architecture: "
             f"{first_line(exc)}"
         ) from None
-    diff = None if input_shape is None else max_eval_difference(reference, fresh, input_shape, seed=seed)
-    return {"strict_load": True, "max_abs_diff": diff}
+    if input_shape is None:
+        return {"strict_load": True, "max_abs_diff": None, "mismatch": None}
+    diff = max_eval_difference(reference, fresh, input_shape, seed=seed)
+    mismatch = (
+        eval_output_mismatch(reference, fresh, input_shape, seed=seed) if diff == float("inf") else None
+    )
+    return {"strict_load": True, "max_abs_diff": diff, "mismatch": mismatch}
