@@ -218,6 +218,29 @@ def validate(config: FinetuneConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def per_process_batch(config: FinetuneConfig, saved_world_size: int, world_size: int) -> int:
+    """The batch of each of `world_size` processes continuing a run saved by `saved_world_size`: the global
+    batch stays the same, so the data order and the schedules carry on."""
+    global_batch = config.batch_size * saved_world_size
+    if global_batch % world_size:
+        raise BrnError(
+            f"`resume`: the run's global batch {global_batch} does not split over {world_size} processes"
+        )
+    return global_batch // world_size
+
+
+def data_options(config: FinetuneConfig) -> dict[str, Any]:
+    """The data settings of a run, as load_data and check_data_spec take them (besides the spec itself)."""
+    return {
+        "val_split": config.val_split,
+        "normalize": config.normalize,
+        "image_size": config.image_size,
+        "resize_size": config.resize_size,
+        "channels": config.channels,
+        "augment": config.augment,
+    }
+
+
 def resume_path(config: FinetuneConfig) -> Path:
     """RUNDIR/last.pt of resume=RUNDIR; one line when there is none."""
     run_dir = Path(config.resume)

@@ -48,7 +48,7 @@ def check_launch(config: FinetuneConfig, nproc: int) -> None:
     from brn_cli.data.samplers import parse_sampler
     from brn_cli.data.specs import check_data_spec
     from brn_cli.storage.checkpoint import _check_file
-    from brn_cli.train.config import validate
+    from brn_cli.train.config import data_options, per_process_batch, validate
     from brn_cli.train.distributed import launched_by_torchrun
     from brn_cli.train.trainer import read_resume_state
 
@@ -60,30 +60,11 @@ def check_launch(config: FinetuneConfig, nproc: int) -> None:
     validate(config)
     parse_sampler(config.sampler)
     if resume_state is not None:
-        batch = _per_process_batch(config, int(resume_state.get("world_size", 1)), nproc)
+        batch = per_process_batch(config, int(resume_state.get("world_size", 1)), nproc)
         validate(dataclasses.replace(config, batch_size=batch))
-    check_data_spec(
-        config.data,
-        val_split=config.val_split,
-        normalize=config.normalize,
-        image_size=config.image_size,
-        resize_size=config.resize_size,
-        channels=config.channels,
-        augment=config.augment,
-    )
+    check_data_spec(config.data, **data_options(config))
     if resume_state is None:  # a resumed run starts from its own last.pt, read above
         _check_file(Path(config.checkpoint))
-
-
-def _per_process_batch(config: FinetuneConfig, saved_world_size: int, world_size: int) -> int:
-    """The batch of each of `world_size` processes continuing a run saved by `saved_world_size`: the global
-    batch stays the same, so the data order and the schedules carry on."""
-    global_batch = config.batch_size * saved_world_size
-    if global_batch % world_size:
-        raise BrnError(
-            f"`resume`: the run's global batch {global_batch} does not split over {world_size} processes"
-        )
-    return global_batch // world_size
 
 
 def launch_finetune(config: Any, nproc: int, *, timeout_s: float | None = None, progress: bool = True) -> Any:

@@ -56,7 +56,7 @@ from brn_cli.train.build import (
     make_val_loader,
     read_resume_state,
 )
-from brn_cli.train.config import FinetuneConfig, validate
+from brn_cli.train.config import FinetuneConfig, data_options, per_process_batch, validate
 from brn_cli.train.runfolder import (
     BEST,
     CURVES,
@@ -163,15 +163,8 @@ class Trainer:
             runtime.agree(lambda: held.enter_context(folder_lock(config.output, what="run folder")))
             saved_world = int(resume_state.get("world_size", 1))
             if saved_world != runtime.world_size:
-                # Resume on another world size: keep the GLOBAL batch, so data order and schedules carry on.
-                global_batch = config.batch_size * saved_world
-                if global_batch % runtime.world_size:
-                    raise BrnError(
-                        f"resume: the run's global batch {global_batch} does not split over "
-                        f"{runtime.world_size} processes",
-                        param="resume",
-                    )
-                config = dataclasses.replace(config, batch_size=global_batch // runtime.world_size)
+                batch = per_process_batch(config, saved_world, runtime.world_size)
+                config = dataclasses.replace(config, batch_size=batch)
                 validate(config)
         if config.amp == "fp16" and not runtime.is_cuda and runtime.is_main:
             sys.stderr.write(
@@ -184,16 +177,7 @@ class Trainer:
         from brn_cli.data.samplers import LabelBatchSampler
 
         config, runtime = self.config, self.runtime
-        self.data = load_data(
-            config.data,
-            val_split=config.val_split,
-            normalize=config.normalize,
-            seed=config.seed,
-            image_size=config.image_size,
-            resize_size=config.resize_size,
-            augment=config.augment,
-            channels=config.channels,
-        )
+        self.data = load_data(config.data, seed=config.seed, **data_options(config))
         self.fingerprint = data_fingerprint(self.data)
         if resume_state is not None:
             check_same_data(
