@@ -3,6 +3,7 @@
 Everything an own training loop needs is importable from here (docs/own-loop.md shows the loop)::
 
     convert_batchnorm(model)                      # BatchNorm -> Batch Renorm, eval outputs unchanged
+    position = peer_schedule(critic)              # a torchrl / sb3-contrib BatchRenorm's warm-up, to continue
     sched = RenormScheduler.from_preset(model, "paper-scaled", total_steps=T, optimizer=opt)
     sched = RenormScheduler.warmup(model, opt, warmup_steps=W)  # BatchNorm for W steps, then rmax 3, dmax 5
     calibrate(model, loader, num_batches=50)      # exact statistics from any iterable of inputs
@@ -35,6 +36,8 @@ _EXPORTS = {
     "convert_batchnorm": "nn.convert",
     "plan_conversion": "nn.convert",
     "restore_batchnorm": "nn.convert",
+    "peer_schedule": "nn.peers",
+    "PeerSchedule": "nn.peers",
     "load_checkpoint": "storage.checkpoint",
     "save_brn_checkpoint": "storage.checkpoint",
     "build_arch": "storage.checkpoint",
@@ -85,6 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from brn_cli.nn.norms import collect_telemetry, renorm_layers, set_microbatch, set_renorm_limits
     from brn_cli.nn.outputs import flat_outputs
+    from brn_cli.nn.peers import PeerSchedule, peer_schedule
     from brn_cli.storage.checkpoint import build_arch, load_checkpoint, save_brn_checkpoint
     from brn_cli.storage.statedict import export_state_dict
     from brn_cli.train.distributed import configure_stats_sync, init_distributed

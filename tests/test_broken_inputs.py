@@ -97,15 +97,16 @@ def _png(path: Path, value: int) -> None:
 
 
 def _image_folder(root: Path, bad_split: str) -> Path:
-    """train/ and val/ with classes 0 and 1; one PNG of `bad_split` (named bad.png) cut in half."""
-    for split, count in (("train", 4), ("val", 2)):
-        for label in (0, 1):
+    """train/ and val/ with the model's 10 classes; in `bad_split`, each class also holds a bad.png cut in
+    half (one in every class, so that a short run meets one whatever order it draws)."""
+    for split, count in (("train", 1), ("val", 1)):
+        for label in range(ARCH_KWARGS["num_classes"]):
             for i in range(count):
                 _png(root / split / str(label) / f"img{i}.png", 10 * label + i)
-    bad = root / bad_split / "1" / "bad.png"
-    _png(bad, 7)
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 2])
+            if split == bad_split:
+                bad = root / split / str(label) / "bad.png"
+                _png(bad, 7)
+                bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     return root
 
 

@@ -15,7 +15,7 @@ from test_fold import randomize_norms
 from torch import nn
 
 from brn_cli import convert_batchnorm
-from brn_cli.deploy.export import export_onnx, export_onnx_checked, onnx_op_counts
+from brn_cli.deploy.export import OnnxVerificationError, export_onnx, export_onnx_checked, onnx_op_counts
 from brn_cli.deploy.verify import verify_onnx
 from brn_cli.storage.checkpoint import save_brn_checkpoint
 from brn_cli.storage.statedict import export_state_dict
@@ -209,7 +209,9 @@ def test_external_data_past_threshold(tmp_path):
 
 def test_verification_failure_leaves_nothing(tmp_path):
     out = tmp_path / "model.onnx"
-    report = export_onnx_checked(renorm(Skip()), [2, 3, 8, 8], out, atol=0.0, rtol=0.0)
+    with pytest.raises(OnnxVerificationError) as failed:
+        export_onnx_checked(renorm(Skip()), [2, 3, 8, 8], out, atol=0.0, rtol=0.0)
+    report = failed.value.report
     assert not report.written and not report.verify.passed
     assert list(tmp_path.iterdir()) == []
 
@@ -334,10 +336,11 @@ def test_failed_reexport_keeps_the_previous_external_data(tmp_path):
     first = export_onnx_checked(renorm(Mlp()), [4, 16], out, external_data_threshold=0)
     assert first.written and data.stat().st_size > 0
     before = (out.read_bytes(), data.read_bytes())
-    failed = export_onnx_checked(
-        renorm(Mlp(), seed=1), [4, 16], out, external_data_threshold=0, force=True, atol=0.0, rtol=0.0
-    )
-    assert not failed.written
+    with pytest.raises(OnnxVerificationError) as raised:
+        export_onnx_checked(
+            renorm(Mlp(), seed=1), [4, 16], out, external_data_threshold=0, force=True, atol=0.0, rtol=0.0
+        )
+    assert not raised.value.report.written
     assert (out.read_bytes(), data.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     other = renorm(Mlp(), seed=1)

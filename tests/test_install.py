@@ -25,9 +25,22 @@ PACKAGE = REPO / "brn_cli"
 
 # (module file relative to the repo, function, top-level import name) -> why its unguarded import is safe.
 OPTIONAL_UNGUARDED = {
-    ("brn_cli/data/datasets.py", "ImageReader.__call__", "PIL"): (
+    ("brn_cli/data/base.py", "ImageReader.__call__", "PIL"): (
         "ImageReader is the image loader of torchvision's ImageFolder, which needs torchvision (guarded) "
         "first; torchvision depends on pillow"
+    ),
+    ("brn_cli/data/masks.py", "read_mask_file", "PIL"): (
+        "mask files are read only for a folder of images and masks, which segmentation._folder_parts opens "
+        "after its guarded import of torchvision (which depends on pillow)"
+    ),
+    ("brn_cli/data/segmentation.py", "_scan_folder", "PIL"): (
+        "_scan_folder runs only on a SegmentationFolder, built after _folder_parts' guarded torchvision import"
+    ),
+    ("brn_cli/data/segmentation.py", "SegmentationFolder.__getitem__", "torchvision"): (
+        "a SegmentationFolder exists only after _folder_parts' guarded torchvision import"
+    ),
+    ("brn_cli/data/segmentation.py", "SegmentationFolder._fit", "torchvision"): (
+        "a SegmentationFolder exists only after _folder_parts' guarded torchvision import"
     ),
     ("brn_cli/data/datasets.py", "_image_folder", "torchvision"): (
         "_image_folder runs only from _load_image_folder, after its guarded import of torchvision.transforms"
@@ -50,6 +63,16 @@ OPTIONAL_UNGUARDED = {
 DECLARED_NOT_IMPORTED = {
     "onnxscript": "torch.onnx.export(dynamo=True) (`brn export onnx --exporter dynamo`) imports it",
 }
+
+# Modules that exist for an optional extra (pyproject's [project.optional-dependencies]): importing the module
+# is asking for the extra, so it may import what that extra declares at module level, and try an alternative
+# name in a try/except ImportError (Lightning's `lightning.pytorch`, else `pytorch_lightning`).
+EXTRA_MODULES = {
+    "brn_cli/integrations/lightning.py": "lightning",
+    "brn_cli/integrations/hf.py": "hf",
+}
+# Distributions an extra declares that its module does not import itself, and why.
+EXTRA_NOT_IMPORTED = {"accelerate": "transformers' Trainer imports it (and refuses to run without it)"}
 
 # Handlers that catch a failed import.
 IMPORT_ERROR_HANDLERS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
@@ -161,6 +184,11 @@ def collect_imports(paths: list[Path]) -> list[Import]:
     return found
 
 
+def extra_dependencies(extra: str) -> dict[str, str]:
+    """Normalized distribution name -> requirement, from one extra of [project.optional-dependencies]."""
+    return {requirement_name(r): r for r in pyproject()["project"]["optional-dependencies"].get(extra, [])}
+
+
 def undeclared_imports(imports: list[Import], declared: dict[str, str]) -> list[str]:
     """One line per import that `pip install -e .` would not satisfy and that is not a safe optional one."""
     distributions = importlib.metadata.packages_distributions()
@@ -170,6 +198,9 @@ def undeclared_imports(imports: list[Import], declared: dict[str, str]) -> list[
             continue
         dists = {normalize(d) for d in distributions.get(imp.top, [])}
         if dists & set(declared):
+            continue
+        extra = EXTRA_MODULES.get(imp.file)
+        if extra and (dists & set(extra_dependencies(extra)) or imp.guarded):
             continue
         # Not declared: allowed only as an optional import, lazy and guarded, or explained.
         if (imp.file, imp.scope, imp.top) in OPTIONAL_UNGUARDED or (imp.lazy and imp.guarded):
@@ -249,6 +280,28 @@ def test_every_declared_dependency_is_used_and_bounded():
         # breaking releases are 0.x minors, before 1.0): a new major is tried before users get it.
         assert re.search(r">=\s*\d", requirement) and re.search(r"<\s*\d", requirement), requirement
         importlib.metadata.version(name)  # installed in this environment
+
+
+def test_each_extra_module_has_its_extra_bounded_and_used():
+    distributions = importlib.metadata.packages_distributions()
+    imports = collect_imports(package_modules())
+    for file, extra in EXTRA_MODULES.items():
+        requirements = extra_dependencies(extra)
+        assert requirements, f"pyproject has no extra {extra!r} for {file}"
+        imported = {normalize(d) for i in imports if i.file == file for d in distributions.get(i.top, [])}
+        assert set(requirements) - imported <= set(EXTRA_NOT_IMPORTED), (file, requirements, imported)
+        for requirement in requirements.values():
+            assert re.search(r">=\s*\d", requirement) and re.search(r"<\s*\d", requirement), requirement
+        # The test extra installs every extra's packages, so their tests run.
+        assert set(requirements) <= set(extra_dependencies("test")), extra
+
+
+def test_an_extra_module_may_import_its_extra_only():
+    source = "from transformers import TrainerCallback\nimport pytorch_lightning\n"
+    problems = undeclared_imports(
+        imports_in_source("brn_cli/integrations/hf.py", source), declared_dependencies()
+    )
+    assert [p.split(": import ")[1].split(" ")[0] for p in problems] == ["pytorch_lightning"]
 
 
 def test_the_console_script_is_declared():

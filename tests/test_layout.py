@@ -23,16 +23,20 @@ LAYERS: list[set[str]] = [
     {"brn_cli.errors", "brn_cli._version", "brn_cli.progress", "brn_cli.samples"},
     {"brn_cli.nn"},
     {"brn_cli.storage"},
-    {"brn_cli.data"},
+    {"brn_cli.data", "brn_cli.tasks"},
     {"brn_cli.evaluation", "brn_cli.deploy"},
     {"brn_cli.train"},
     {"brn_cli.recipes"},
     {"brn_cli.cli"},
     {"brn_cli.__main__"},  # `python -m brn_cli`
+    # Trainer callbacks, optional extras: they use the library; nothing imports them (top layer).
+    {"brn_cli.integrations"},
 ]
 FACADE = "brn_cli"  # brn_cli/__init__.py: the public API, imported lazily by name
 UI_UNITS = ("brn_cli.cli", "brn_cli.recipes")
 UI_LIBRARIES = ("typer", "rich", "click")
+INTEGRATION_UNIT = "brn_cli.integrations"
+INTEGRATION_LIBRARIES = ("lightning", "pytorch_lightning", "transformers", "accelerate")
 MAX_FUNCTION_LINES = 80  # a function: from its `def` line to its last line
 MAX_COMMAND_BODY_LINES = 60  # a CLI command: its statements after the signature (its options) and docstring
 
@@ -231,6 +235,16 @@ def ui_problems(imports: list[Import]) -> list[str]:
     ]
 
 
+def integration_problems(imports: list[Import]) -> list[str]:
+    """Trainer frameworks are optional extras: only brn_cli.integrations may import them."""
+    return [
+        f"{imp.where()}: {imp.source} imports {imp.target} "
+        f"(only {INTEGRATION_UNIT} imports the optional trainer frameworks)"
+        for imp in imports
+        if imp.target.split(".")[0] in INTEGRATION_LIBRARIES and unit_of(imp.source) != INTEGRATION_UNIT
+    ]
+
+
 def _is_command(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     """Registered on a typer app: `@app.command(...)`, `@app.callback(...)` or the bare attribute."""
     for deco in node.decorator_list:
@@ -298,6 +312,17 @@ def test_imports_point_down_the_layers():
 def test_only_cli_and_recipes_import_typer_rich_or_click():
     problems = ui_problems(ALL_IMPORTS)
     assert not problems, "\n".join(problems)
+
+
+def test_only_integrations_import_lightning_or_transformers():
+    assert any(unit_of(i.source) == INTEGRATION_UNIT for i in ALL_IMPORTS if "lightning" in i.target)
+    problems = integration_problems(ALL_IMPORTS)
+    assert not problems, "\n".join(problems)
+    planted = imports_of("brn_cli.train.planted", PACKAGE / "train" / "planted.py", "import transformers\n")
+    assert integration_problems(planted) == [
+        "brn_cli/train/planted.py:1: brn_cli.train.planted imports transformers "
+        "(only brn_cli.integrations imports the optional trainer frameworks)"
+    ]
 
 
 def test_functions_and_commands_are_short():

@@ -12,9 +12,9 @@ from test_finetune import tiny_cnn
 
 from brn_cli.errors import BrnError
 from brn_cli.samples import SAMPLE_DATA
+from brn_cli.tasks import Classification
 from brn_cli.train.config import FinetuneConfig, validate
 from brn_cli.train.finetune import run_finetune
-from brn_cli.train.tasks import Classification
 
 ARCH = "test_finetune:tiny_cnn"
 

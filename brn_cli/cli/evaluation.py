@@ -30,6 +30,21 @@ from brn_cli.cli.options import (
 )
 from brn_cli.cli.progress import progress_if
 
+# The task options of evaluate and calibrate (finetune's come from its config). None: as the checkpoint
+# records (finetune writes its task into the checkpoint), else classification.
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="classification, segmentation (class-map masks) or embedding (recall@k); default: the task the "
+        "checkpoint was fine-tuned for, else classification.",
+    ),
+]
+IgnoreIndexOpt = Annotated[
+    int | None,
+    typer.Option("--ignore-index", help="Segmentation: the mask value of unlabelled pixels (default 255)."),
+]
+
 
 @app.command("evaluate")
 def evaluate_cmd(
@@ -61,14 +76,34 @@ def evaluate_cmd(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     key: KeyOpt = None,
+    task: TaskOpt = None,
+    ignore_index: IgnoreIndexOpt = None,
+    loss: Annotated[
+        str | None, typer.Option("--loss", help="package.module:callable(output, target) -> scalar tensor.")
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option("--metric", help="package.module:callable(output, target) -> number or dict."),
+    ] = None,
+    embedding_loss: Annotated[
+        str | None,
+        typer.Option("--embedding-loss", help="Embedding: triplet or contrastive (the loss shown)."),
+    ] = None,
+    margin: Annotated[float | None, typer.Option("--margin", help="Embedding loss margin.")] = None,
+    recall_k: Annotated[
+        str | None, typer.Option("--recall-k", help="Embedding: the k of recall@k (default 1,5).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Inference-mode loss and accuracy on the validation split (and with --batch-stats, minibatch-stats)."""
+    """The task's loss and metrics on the validation split, inference mode (and with --batch-stats,
+    minibatch statistics: the train/inference gap in the task's own metric)."""
     from brn_cli.data.samplers import parse_sampler
     from brn_cli.evaluation.evaluate import evaluate_data
+    from brn_cli.tasks import make_task
 
     sampler = parse_sampler(sampler)
-    dev, ckpt, bundle, _ = _load_for_data(
+    given = {"embedding_loss": embedding_loss, "margin": margin, "recall_k": recall_k}
+    dev, ckpt, bundle, _, task_options = _load_for_data(
         "evaluate",
         checkpoint,
         data,
@@ -83,6 +118,8 @@ def evaluate_cmd(
         arch_kwargs=arch_kwargs,
         trust_pickle=trust_pickle,
         key=key,
+        task=task,
+        task_given={"ignore_index": ignore_index, **given},
     )
     result = evaluate_data(
         ckpt.model,
@@ -93,6 +130,7 @@ def evaluate_cmd(
         seed=seed,
         device=dev,
         progress=progress_if(not as_json),
+        task=make_task(**task_options, loss=loss, metric=metric),
     )
     result.update(checkpoint=str(checkpoint), data=bundle.description, device=str(dev))
     if as_json:
@@ -117,11 +155,16 @@ def _load_for_data(
     arch_kwargs: str | None,
     trust_pickle: bool,
     key: str | None,
+    task: str | None,
+    task_given: dict,
 ):
-    """(device, checkpoint, data bundle, preprocessing options) for a command that runs a checkpoint on data.
+    """(device, checkpoint, data bundle, preprocessing options, task options) for a command that runs a
+    checkpoint on data.
 
     The data is prepared as the options say, else as the checkpoint records it was fine-tuned; each setting
-    taken from the checkpoint is said on stderr, with the flag that changes it.
+    taken from the checkpoint is said on stderr, with the flag that changes it. So is the task (its name and
+    plain options, :func:`brn_cli.tasks.make_task`'s keywords); the data is loaded for it (masks for
+    segmentation).
     """
     from brn_cli.data.datasets import load_data
     from brn_cli.data.specs import preprocessing_for
@@ -135,36 +178,56 @@ def _load_for_data(
     for param, taken in notes:
         flag = with_flags(f"`{param}`", [command])
         err.print(f"note: {taken}, as recorded in {ckpt.path.name} ({flag} to change)")
-    bundle = load_data(data, val_split=val_split, seed=seed, channels=channels, **preprocessing)
-    return dev, ckpt, bundle, preprocessing
+    task_options = _task_options(command, ckpt, task, task_given)
+    data_task = {} if task_options["name"] == "classification" else {"task": task_options["name"]}
+    if data_task and "ignore_index" in task_options:
+        data_task["ignore_index"] = task_options["ignore_index"]
+    bundle = load_data(data, val_split=val_split, seed=seed, channels=channels, **preprocessing, **data_task)
+    return dev, ckpt, bundle, preprocessing, task_options
+
+
+def _task_options(command: str, ckpt, task: str | None, given: dict) -> dict:
+    """The task's options: those given, else the checkpoint's recorded task (said on stderr), else
+    classification."""
+    from brn_cli.tasks import task_from_record
+
+    recorded = task_from_record(ckpt.task)
+    if task is None and recorded.get("name", "classification") != "classification":
+        err.print(f"note: task {recorded['name']}, as recorded in {ckpt.path.name} (--task to change)")
+    if task is not None and task != recorded.get("name"):
+        recorded = {}  # another task's options do not apply
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return {"name": task or recorded.get("name", "classification"), **{**recorded, **chosen}}
+
+
+def _metric_columns(result: dict) -> list[str]:
+    """The scalar metrics of the report, the task's primary one first."""
+    names = [k for k, v in (result["inference"]["metrics"] or {}).items() if isinstance(v, (int, float))]
+    primary = result.get("metric", "accuracy")
+    return [primary] + [n for n in names if n != primary]
 
 
 def _print_evaluation(checkpoint: Path, data: str, result: dict) -> None:
     out.print(f"[bold]{checkpoint}[/bold]  on {data}")
     table = Table()
-    for col in ("mode", "batches", "examples", "loss", "accuracy"):
+    columns = _metric_columns(result)
+    for col in ("mode", "batches", "examples", "loss", *columns):
         table.add_column(col, justify="right" if col != "mode" else "left")
-    inf = result["inference"]
-    table.add_row(
-        "inference (moving averages)",
-        str(inf["batches"]),
-        str(inf["examples"]),
-        f"{inf['loss']:.4f}",
-        f"{100 * inf['accuracy']:.2f}%",
-    )
+    rows = [("inference (moving averages)", result["inference"])]
     bs = result["batch_stats"]
     if bs is not None:
-        table.add_row(
-            f"minibatch statistics ({bs['sampler']}, batch {bs['batch_size']})",
-            str(bs["batches"]),
-            str(bs["examples"]),
-            f"{bs['loss']:.4f}",
-            f"{100 * bs['accuracy']:.2f}%",
-        )
+        rows.append((f"minibatch statistics ({bs['sampler']}, batch {bs['batch_size']})", bs))
+    for label, row in rows:
+        values = [f"{100 * row['metrics'][c]:.2f}%" for c in columns]
+        table.add_row(label, str(row["batches"]), str(row["examples"]), f"{row['loss']:.4f}", *values)
     out.print(table)
+    per_class = result["inference"]["metrics"].get("iou_per_class")
+    if per_class:
+        shown = ", ".join(f"{c}: {'-' if v is None else f'{100 * v:.1f}%'}" for c, v in enumerate(per_class))
+        out.print(f"IoU per class (inference): {shown}")
     if bs is not None:
         out.print(
-            f"train/inference gap: minibatch-stats minus inference accuracy = "
+            f"train/inference gap: minibatch-stats minus inference {columns[0]} = "
             f"{100 * result['gap']:+.2f} points"
         )
 
@@ -188,6 +251,8 @@ def calibrate_cmd(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     key: KeyOpt = None,
+    task: TaskOpt = None,
+    ignore_index: IgnoreIndexOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -196,7 +261,7 @@ def calibrate_cmd(
     from brn_cli.storage.atomic import check_writable
 
     check_writable(output, force=force)
-    dev, ckpt, bundle, preprocessing = _load_for_data(
+    dev, ckpt, bundle, preprocessing, task_options = _load_for_data(
         "calibrate",
         checkpoint,
         data,
@@ -211,6 +276,8 @@ def calibrate_cmd(
         arch_kwargs=arch_kwargs,
         trust_pickle=trust_pickle,
         key=key,
+        task=task,
+        task_given={"ignore_index": ignore_index},
     )
     shifts, used = calibrate_data(
         ckpt.model,
@@ -222,7 +289,7 @@ def calibrate_cmd(
         device=dev,
         progress=progress_if(not as_json),
     )
-    _save_calibrated(ckpt, output, preprocessing, force=force)
+    _save_calibrated(ckpt, output, preprocessing, task_options, force=force)
     result = {
         "source": str(checkpoint),
         "output": str(output),
@@ -240,7 +307,7 @@ def calibrate_cmd(
     print_wrote_checkpoint(output, ckpt.arch_spec)
 
 
-def _save_calibrated(ckpt, output: Path, preprocessing: dict, *, force: bool) -> None:
+def _save_calibrated(ckpt, output: Path, preprocessing: dict, task_options: dict, *, force: bool) -> None:
     from brn_cli.data.specs import preprocessing_record
     from brn_cli.nn.convert import infer_input_shape
     from brn_cli.storage.checkpoint import save_brn_checkpoint
@@ -253,8 +320,21 @@ def _save_calibrated(ckpt, output: Path, preprocessing: dict, *, force: bool) ->
         input_shape=ckpt.input_shape or infer_input_shape(model, arch_spec=ckpt.arch_spec),
         command="calibrate",
         # The statistics were measured on inputs prepared this way: the new checkpoint records that.
-        **{**ckpt.lineage(), "preprocessing": preprocessing_record(**preprocessing)},
+        **{
+            **ckpt.lineage(),
+            "preprocessing": preprocessing_record(**preprocessing),
+            "task": _task_record(task_options),
+        },
     )
+
+
+def _task_record(task_options: dict) -> dict | None:
+    """What the calibrated checkpoint records of its task (none for plain classification)."""
+    if task_options["name"] == "classification":
+        return None
+    from brn_cli.tasks import make_task
+
+    return make_task(**task_options).settings()
 
 
 def _print_calibration(shifts, result: dict) -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from brn_cli.cli.app import err, export_app, out
+from brn_cli.cli.app import err, export_app, out, with_flags
 from brn_cli.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -17,6 +18,7 @@ from brn_cli.cli.options import (
     InputShapeOpt,
     JsonOpt,
     KeyOpt,
+    NormalizeOpt,
     TrustPickleOpt,
     human_size,
     load,
@@ -46,16 +48,10 @@ def _print_export_report(report) -> None:
     if report.op_counts:
         ops = ", ".join(f"{op} {n}" for op, n in list(report.op_counts.items())[:10])
         out.print(f"ONNX ops: {ops}  (BatchNormalization: {report.batchnorm_nodes})")
+    if report.dynamic_note:
+        out.print(f"[yellow]{report.dynamic_note}[/yellow]")
     if report.verify is not None:
-        v = report.verify
-        out.print(f"verification against the PyTorch eval model (atol {v.atol:g}, rtol {v.rtol:g}):")
-        for c in v.checks:
-            mark = "[green]✓[/green]" if c.passed else "[red]✗[/red]"
-            top1 = f", top-1 agreement {c.top1:.0%}" if c.top1 is not None else ""
-            out.print(
-                f"  {mark} {c.provider}, ORT optimizations {c.optimization}, batch {c.batch} "
-                f"({c.inputs} inputs): max abs {c.max_abs:.3g}, max rel {c.max_rel:.3g}{top1}"
-            )
+        _print_verification(report.verify)
     if report.benchmark is not None:
         b = report.benchmark
         out.print(
@@ -67,6 +63,63 @@ def _print_export_report(report) -> None:
                 f"  optimizations {level}: folded {ms['folded']:.2f} ms, unfolded {ms['unfolded']:.2f} ms, "
                 f"unfolded/folded {b.ratio(level):.2f}x"
             )
+
+
+def _print_verification(v) -> None:
+    """One line per check, then per output tensor its worst comparison over every check."""
+    shapes = ", ".join(str(s) for s in v.input_shapes)
+    out.print(
+        f"verification against the PyTorch eval model on {v.inputs}, shapes {shapes} "
+        f"(pass: max|onnx - torch| <= atol {v.atol:g} + rtol {v.rtol:g} x scale, scale = max|torch| per output):",
+        markup=False,
+        highlight=False,
+    )
+    for c in v.checks:
+        mark = "[green]✓[/green]" if c.passed else "[red]✗[/red]"
+        top1 = f", top-1 agreement {c.top1:.0%}" if c.top1 is not None else ""
+        cause = f": [red]{escape(c.error or c.mismatch)}[/red]" if (c.error or c.mismatch) else ""
+        out.print(
+            f"  {mark} {c.provider}, ORT optimizations {c.optimization}, input {c.input_shape} ({c.inputs} inputs)"
+            + (cause or f": max abs {c.max_abs:.3g}, max rel {c.max_rel:.3g}{top1}")
+        )
+    worst: dict[str, object] = {}
+    for c in v.checks:
+        for o in c.outputs:
+            seen = worst.get(o.name)
+            if seen is None or (
+                seen.passed and (not o.passed or o.max_abs / o.tolerance > seen.max_abs / seen.tolerance)
+            ):
+                worst[o.name] = o
+    if not worst:
+        return
+    table = Table(title="per output, worst over the checks")
+    for col in ("output", "shape", "max abs diff", "scale", "tolerance", ""):
+        table.add_column(col, justify="left" if col in ("output", "shape") else "right")
+    for o in worst.values():
+        mark = "[green]✓[/green]" if o.passed else "[red]✗[/red]"
+        table.add_row(
+            escape(o.name), str(o.shape), f"{o.max_abs:.3g}", f"{o.scale:.3g}", f"{o.tolerance:.3g}", mark
+        )
+    out.print(table)
+
+
+DynamicShapeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dynamic-shape",
+        help="Input axes left open in the graph: auto (spatial for a dense model that runs at a second size, "
+        "else batch), batch, spatial (batch and H, W / D, H, W; verified at two sizes), none.",
+    ),
+]
+VerifyDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--verify-data",
+        help="Verify on real examples of this data (.npz, folder, package.module:callable), prepared as the "
+        "checkpoint records, or 'random' for random normal inputs (default: the data a fine-tuned checkpoint "
+        "records, else random).",
+    ),
+]
 
 
 @export_app.command("onnx")
@@ -98,6 +151,9 @@ def export_onnx_cmd(
     exporter: Annotated[
         str, typer.Option("--exporter", help="legacy (TorchScript, fast) or dynamo (torch.export).")
     ] = "legacy",
+    dynamic_shape: DynamicShapeOpt = "auto",
+    verify_data: VerifyDataOpt = None,
+    normalize: NormalizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -106,23 +162,27 @@ def export_onnx_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Fold norms into their producers, export one ONNX file and verify it with onnxruntime."""
-    from brn_cli.deploy.export import EXPORTERS, export_onnx_checked
-    from brn_cli.errors import VerificationError
+    from brn_cli.deploy.export import DYNAMIC_SHAPES, EXPORTERS, OnnxVerificationError, export_onnx_checked
     from brn_cli.nn.convert import infer_input_shape
     from brn_cli.storage.atomic import check_writable
 
     if exporter not in EXPORTERS:
         raise BrnError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if dynamic_shape not in DYNAMIC_SHAPES:
+        raise BrnError(f"--dynamic-shape {dynamic_shape!r}: choose one of {', '.join(DYNAMIC_SHAPES)}")
     check_writable(output, force=force)
     ckpt = load(checkpoint, arch, arch_kwargs, trust_pickle, key)
+    examples, examples_from = (None, None) if no_verify else _verify_examples(ckpt, verify_data, normalize)
     shape = (
         parse_shape(input_shape)
         or ckpt.input_shape
+        or ([2, *examples.shape[1:]] if examples is not None else None)
         or infer_input_shape(ckpt.model, arch_spec=ckpt.arch_spec)
     )
     if shape is None:
         raise BrnError("cannot infer an input shape; pass --input-shape, e.g. 2,3,224,224")
     stages = 2 + (not no_fold) + (not no_verify) + benchmark
+    failed = None
     progress = RichProgress(spinner=True, elapsed=True, console=err)
     progress.start("export", stages)
     try:
@@ -140,28 +200,62 @@ def export_onnx_cmd(
             benchmark=benchmark,
             force=force,
             step=stage_counter(progress),
+            dynamic_shape=dynamic_shape,
+            verify_data=examples,
+            verify_data_from=examples_from,
         )
+    except OnnxVerificationError as exc:  # the checks are printed before the one-line error
+        failed, report = exc, exc.report
     finally:
         progress.stop()
-    if as_json:
-        print_json(report.to_dict())
-    else:
-        _print_export_report(report)
-    if not report.written:
-        v = report.verify
-        mismatch = next((c.mismatch for c in v.checks if c.mismatch), None)
-        why = mismatch or f"max abs error {v.max_abs:.3g} beyond --atol {v.atol:g} / --rtol {v.rtol:g}"
-        raise VerificationError(f"verification failed: {why}; {output} not written")
+    _print_onnx_report(report, as_json)
+    if failed is not None:
+        raise failed
     if not as_json:
         _print_onnx_written(report, output)
 
 
+def _print_onnx_report(report, as_json: bool) -> None:
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print_export_report(report)
+
+
+def _verify_examples(ckpt, spec: str | None, normalize: str | None):
+    """(examples, what they are) to verify on: of the data named, else of the data a fine-tuned checkpoint
+    records (said on stderr), else (None, None) for random normal inputs."""
+    from brn_cli.data.specs import preprocessing_for
+    from brn_cli.deploy.verify import data_examples, recorded_data
+
+    if spec is not None and spec.strip().lower() == "random":
+        return None, None
+    options: dict = {"spec": spec}
+    if spec is None:
+        recorded, found = recorded_data(ckpt.training, ckpt.path.name)
+        if recorded is None:
+            return None, None
+        options = recorded
+        err.print(
+            f"note: verifying on examples of {found} (--verify-data to change, 'random' for random inputs)"
+        )
+    preprocessing, notes = preprocessing_for(ckpt.preprocessing, options["spec"], normalize=normalize)
+    for param, taken in notes:
+        flag = with_flags(f"`{param}`", ["export", "onnx"])
+        err.print(f"note: {taken}, as recorded in {ckpt.path.name} ({flag} to change)")
+    return data_examples(ckpt.model, preprocessing=preprocessing, **options)
+
+
+_AXES = {"spatial": "batch and spatial axes dynamic", "batch": "batch dynamic", "none": "fixed shape"}
+
+
 def _print_onnx_written(report, output: Path) -> None:
+    axes = "one input per image" if report.image_list else _AXES[report.dynamic_shape]
     out.print(
         f"wrote {output} ({human_size(report.size_bytes)}"
         f"{', weights in ' + output.name + '.data' if report.external_data else ''}) "
         f"in {report.export_seconds:.2f} s export ({report.exporter} exporter, opset {report.opset}, "
-        f"input {report.input_shape}, {'batch dynamic' if report.dynamic_batch else 'one input per image'}"
+        f"input {report.input_shape}, {axes}"
         f"{', fp16' if report.fp16 else ''})"
     )
 

@@ -38,7 +38,8 @@ from brn_cli.train.config import FinetuneConfig
 _ORDER = (
     "checkpoint data output arch arch_kwargs trust_pickle steps epochs batch_size lr optimizer weight_decay "
     "lr_schedule warmup_steps momentum rmax_schedule dmax_schedule seed eval_every save_every log_every "
-    "microbatch sampler val_split normalize image_size resize_size channels augment device amp "
+    "microbatch sampler val_split normalize image_size resize_size channels augment task loss metric "
+    "ignore_index embedding_loss margin recall_k device amp "
     "channels_last compile num_workers resume stats_sync nproc dist_timeout as_json force"
 ).split()
 _SHARED = {
@@ -184,16 +185,17 @@ def _summary(result) -> dict[str, Any]:
 
 
 def _report_lines(result) -> list[str]:
-    f, lines = result.final, []
+    f, lines, metric = result.final, [], getattr(result, "metric", "accuracy")
     if result.resumed_from is not None:
         lines.append(f"resumed from step {result.resumed_from}")
     line = f"step {result.steps}: train loss {f['train_loss']:.4f}" if f.get("train_loss") is not None else ""
-    if f.get("val_accuracy") is not None:
-        line += f", val accuracy {100 * f['val_accuracy']:.2f}% (inference mode)"
+    label = "accuracy" if metric == "accuracy" else metric
+    if f.get(f"val_{metric}") is not None:
+        line += f", val {label} {100 * f[f'val_{metric}']:.2f}% (inference mode)"
     if line:
         lines.append(line)
-    if result.best.get("val_accuracy") is not None:
-        lines.append(f"best: {100 * result.best['val_accuracy']:.2f}% at step {result.best['step']}")
+    if result.best.get(f"val_{metric}") is not None:
+        lines.append(f"best: {100 * result.best[f'val_{metric}']:.2f}% at step {result.best['step']}")
     lines.append(
         f"wrote {result.run_dir}/ ({', '.join(result.files)}) on {result.device} in {result.seconds:.1f} s"
     )

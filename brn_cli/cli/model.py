@@ -222,7 +222,7 @@ def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool
         table.add_row(
             Text(file_text(d.name)),
             Text(file_text(d.source_type)),
-            Text(d.target_type, style="green")
+            Text(d.target_type + (f" ({d.peer_position})" if d.peer_position else ""), style="green")
             if d.action == "convert"
             else Text(file_text(d.reason), style="yellow"),
         )
@@ -232,6 +232,12 @@ def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool
         f"{verb} {result['converted']} of {len(decisions)} BatchNorm layers (momentum {momentum:g}, "
         "rmax 1, dmax 0: unchanged until a schedule relaxes them)"
     )
+    peers = sum(1 for d in decisions if d.peer and d.action == "convert")
+    if peers:
+        out.print(
+            f"{peers} of them torchrl / sb3-contrib renorm layers: their eps, momentum and step counter kept, "
+            "limits at their warm-up position (docs/own-loop.md: Coming from torchrl or sb3-contrib)"
+        )
     kept_frozen = [d for d in decisions if d.frozen and d.action != "convert"]
     if kept_frozen:
         advice = (

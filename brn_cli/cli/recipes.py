@@ -44,6 +44,14 @@ def demo_cmd(
         str | None,
         typer.Option("--sampler", help="Batch composition while fine-tuning (default grouped:32)."),
     ] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="classification (the whole flow) or segmentation (a small UNet on the digits' pixel "
+            "classes, batchnorm vs renorm at batch 2).",
+        ),
+    ] = "classification",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -52,10 +60,15 @@ def demo_cmd(
     from rich.rule import Rule
 
     from brn_cli.recipes.demo import DemoConfig, run_demo
+    from brn_cli.recipes.demo_seg import SegDemoConfig, run_seg_demo
 
-    base = DemoConfig.quick() if quick else DemoConfig()
+    if task not in ("classification", "segmentation"):
+        raise BrnError(f"--task {task!r}: the demo runs classification or segmentation")
+    seg = task == "segmentation"
+    kind, runner = (SegDemoConfig, run_seg_demo) if seg else (DemoConfig, run_demo)
+    base = kind.quick() if quick else kind()
     overrides = {"steps": steps, "pretrain_steps": pretrain_steps, "sampler": sampler}
-    config = DemoConfig(
+    config = kind(
         **{
             **base.__dict__,
             **{k: v for k, v in overrides.items() if v is not None},
@@ -76,11 +89,36 @@ def demo_cmd(
         if not quiet:
             out.print(f"  {text}")
 
-    result = run_demo(config, stage=stage, note=note, progress=progress_if(not quiet, transient=False))
+    result = runner(config, stage=stage, note=note, progress=progress_if(not quiet, transient=False))
     if as_json:
         print_json(result.to_dict())
         return
-    _print_demo_result(result, config, quick=quick)
+    (_print_seg_demo_result if seg else _print_demo_result)(result, config, quick=quick)
+
+
+def _print_seg_demo_result(result, config, *, quick: bool) -> None:
+    """The segmentation demo's closing table: both runs' mean IoU and pixel accuracy, two ways."""
+    table = Table(
+        title=f"fine-tuned {config.steps} steps at batch {config.batch_size} on {config.sampler} batches"
+    )
+    table.add_column("")
+    for method in result.runs:
+        table.add_column(method, justify="right")
+    runs = list(result.runs.values())
+    rows = [
+        ("schedule", [r["schedule"] for r in runs]),
+        ("mean IoU, inference mode", [f"[bold]{_pct(r['inference_mean_iou'])}[/bold]" for r in runs]),
+        ("pixel accuracy, inference mode", [_pct(r["inference_pixel_accuracy"]) for r in runs]),
+        (f"mean IoU, batch statistics ({config.sampler})", [_pct(r["batch_stats_mean_iou"]) for r in runs]),
+        ("fine-tuning time", [f"{r['seconds']:.1f} s" for r in runs]),
+    ]
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    out.print(table)
+    gap = 100 * (result.runs["renorm"]["inference_mean_iou"] - result.runs["batchnorm"]["inference_mean_iou"])
+    note = "  (--quick: too short to mean anything)" if quick else ""
+    out.print(f"renorm - batchnorm, mean IoU in inference mode: [bold]{gap:+.1f} points[/bold]{note}")
+    out.print(f"done in {result.seconds:.0f} s; files in {result.output}/")
 
 
 def _print_demo_result(result, config, *, quick: bool) -> None:
@@ -133,28 +171,31 @@ def reproduce_cmd(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Folder for the runs and the report.")
     ] = Path("brn-reproduce"),
-    settings: Annotated[
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A handful of cells of 12 steps (seconds; too short to compare).")
+    ] = False,
+    cells: Annotated[
         str,
-        typer.Option("--settings", help="Comma-separated: iid-32, micro-4, micro-2, grouped-2, grouped-16."),
-    ] = "iid-32,micro-4,micro-2,grouped-2,grouped-16",
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per run, from scratch.")] = 400,
-    lr: Annotated[
-        float, typer.Option("--lr", help="SGD learning rate (cosine decay), the same for all.")
-    ] = 0.02,
-    momentum: Annotated[
-        float, typer.Option("--momentum", help="Rate of the moving mu/sigma (the paper's alpha).")
-    ] = 0.01,
+        typer.Option("--cells", help="Only cells whose name contains one of these (comma-separated)."),
+    ] = "",
+    seeds: Annotated[
+        str, typer.Option("--seeds", help="Comma-separated seeds (default 0,1,2; --quick: 0,1).")
+    ] = "",
+    lr: Annotated[float, typer.Option("--lr", help="Peak SGD learning rate, the same for all.")] = 0.02,
+    jobs: Annotated[int, typer.Option("--jobs", help="Worker processes running runs in parallel.")] = 1,
     device: DeviceOpt = "cpu",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1).")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per run (default 1).")] = 1,
+    plan_only: Annotated[
+        bool, typer.Option("--plan", help="List the cells and count the runs (done / to do); run nothing.")
+    ] = False,
     report_only: Annotated[
-        bool, typer.Option("--report-only", help="Only rebuild results.json/.md/.png from finished runs.")
+        bool, typer.Option("--report-only", help="Only rebuild the report from finished runs.")
     ] = False,
     as_json: JsonOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Re-run runs that already finished.")] = False,
 ) -> None:
-    """The paper's section-4 settings at small scale, batchnorm vs renorm over seeds: table and plot."""
-    from brn_cli.recipes.reproduce import ReproduceConfig, run_reproduce, write_report
+    """Where renorm helps: batchnorm, renorm, GroupNorm, precise BN and batch statistics over the grid."""
+    from brn_cli.recipes.reproduce import ReproduceConfig, plan_summary, run_reproduce, write_grid_report
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -162,24 +203,35 @@ def reproduce_cmd(
         raise BrnError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
     config = ReproduceConfig(
         output=str(output),
-        settings=[s.strip() for s in settings.split(",") if s.strip()],
-        seeds=seed_list,
-        steps=steps,
+        quick=quick,
+        cells=[c.strip() for c in cells.split(",") if c.strip()],
+        seeds=seed_list or None,
         lr=lr,
-        momentum=momentum,
+        jobs=jobs,
         device=device,
         threads=threads,
         force=force,
+        command=_reproduce_command(output, quick, cells, seeds, lr, jobs, device, threads),
     )
+    if plan_only:
+        summary = plan_summary(config)
+        if as_json:
+            print_json(summary)
+            return
+        for line in summary["lines"]:
+            out.print(line, markup=False)
+        return
     if report_only:
-        report = write_report(Path(output))
+        report = write_grid_report(Path(output))
     else:
 
         def on_run(record: dict, done: int, total: int) -> None:
             if not as_json:
+                result = record.get("failed") or _pct(record.get("val_accuracy"))
                 out.print(
-                    f"[{done}/{total}] {record['setting']:10s} {record['method']:9s} seed {record['seed']}: "
-                    f"{_pct(record['val_accuracy'])} ({record['seconds']:.0f} s)"
+                    f"[{done}/{total}] {record['key']} {record['method']} seed {record['seed']}: "
+                    f"{result} ({record['seconds']:.0f} s)",
+                    markup=False,
                 )
 
         report = run_reproduce(
@@ -188,15 +240,26 @@ def reproduce_cmd(
     if as_json:
         print_json({k: v for k, v in report.items() if k != "table"})
         return
-    out.print(report["table"])
-    out.print(f"wrote {output}/results.json, results.md, results.png")
+    out.print(f"wrote {output}/results.md, results.json and curves/ ({len(report['rows'])} cells)")
+
+
+def _reproduce_command(output, quick, cells, seeds, lr, jobs, device, threads) -> str:
+    """The reproduce command line that makes this grid (options at their defaults left out), for the report."""
+    parts = ["brn reproduce", f"-o {output}", "--quick" if quick else ""]
+    parts += [f"--cells {cells}" if cells else "", f"--seeds {seeds}" if seeds else ""]
+    parts += [f"--lr {lr:g}" if lr != 0.02 else "", f"--jobs {jobs}" if jobs != 1 else ""]
+    parts += [f"--device {device}" if device != "cpu" else "", f"--threads {threads}" if threads != 1 else ""]
+    return " ".join(p for p in parts if p)
 
 
 @app.command("bench")
 def bench_cmd(
     what: Annotated[
-        str, typer.Option("--what", help="Comma-separated: layer, models, onnx, peer, ops (default: all).")
-    ] = "layer,models,onnx,peer,ops",
+        str,
+        typer.Option(
+            "--what", help="Comma-separated: layer, models, onnx, peer, ops, crossq (default: all)."
+        ),
+    ] = "layer,models,onnx,peer,ops,crossq",
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1).")] = 1,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer shapes and repetitions.")] = False,
@@ -206,7 +269,8 @@ def bench_cmd(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Speed, side by side: renorm vs BatchNorm (layer sweep, ResNet training steps), ONNX folding, torchrl."""
+    """Speed, side by side: renorm vs BatchNorm (layer sweep, ResNet and CrossQ critic training steps), ONNX
+    folding, torchrl."""
     from brn_cli.nn.device import resolve_device, set_threads
     from brn_cli.recipes.bench import run_benchmarks
     from brn_cli.storage.atomic import check_writable, write_atomic
@@ -233,16 +297,28 @@ def bench_cmd(
 
 @app.command("sample-data")
 def sample_data_cmd(
-    output: Annotated[Path, typer.Option("-o", "--output", help="The .npz file to write.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            help="The .npz file to write (an existing folder: digits.npz / digits-seg.npz in it).",
+        ),
+    ],
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="classification (labels; embedding uses the same) or segmentation (y holds masks: each ink "
+            "pixel is its digit + 1, background 0).",
+        ),
+    ] = "classification",
     force: ForceOpt = False,
 ) -> None:
     """Write the bundled sample data (5,000 real MNIST digits, uint8 N x 1 x 28 x 28) as an .npz to try the
     commands on: x_train, y_train (4,000) and x_val, y_val (1,000)."""
-    import shutil
+    from brn_cli.recipes.demo_seg import write_sample_data
 
-    from brn_cli.samples import SAMPLE_DATA
-    from brn_cli.storage.atomic import check_writable, write_atomic
-
-    check_writable(output, force=force)
-    write_atomic(output, lambda tmp: shutil.copyfile(SAMPLE_DATA, tmp), force=force)
-    out.print(f"wrote {output} ({human_size(output.stat().st_size)}): 4,000 train and 1,000 val digits")
+    path = write_sample_data(output, task, force=force)
+    what = "digits with their masks" if task == "segmentation" else "digits"
+    out.print(f"wrote {path} ({human_size(path.stat().st_size)}): 4,000 train and 1,000 val {what}")

@@ -14,6 +14,7 @@ __all__ = [
     "AUGMENTATIONS",
     "AugmentedDataset",
     "augment_image",
+    "crop_box",
     "parse_augment",
 ]
 
@@ -44,25 +45,29 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def random_resized_crop(x: Tensor, generator: torch.Generator) -> Tensor:
-    """torchvision's RandomResizedCrop drawn from `generator`: a box of CROP_SCALE x the area with an aspect
-    ratio log-uniform in CROP_RATIO (10 tries, else the whole image), resized back to x's H x W (bilinear,
-    antialiased). `x` is [C, H, W]."""
-    _, h, w = x.shape
+def crop_box(h: int, w: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of torchvision's RandomResizedCrop box drawn from `generator`: CROP_SCALE x
+    the area with an aspect ratio log-uniform in CROP_RATIO (10 tries, else the whole image)."""
 
     def uniform(lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=generator))
 
-    top, left, ch, cw = 0, 0, h, w
     for _ in range(10):
         area = h * w * uniform(*CROP_SCALE)
         aspect = math.exp(uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
         cand_w, cand_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cand_w <= w and 0 < cand_h <= h:
-            ch, cw = cand_h, cand_w
-            top = int(torch.randint(0, h - ch + 1, (), generator=generator))
-            left = int(torch.randint(0, w - cw + 1, (), generator=generator))
-            break
+            top = int(torch.randint(0, h - cand_h + 1, (), generator=generator))
+            left = int(torch.randint(0, w - cand_w + 1, (), generator=generator))
+            return top, left, cand_h, cand_w
+    return 0, 0, h, w
+
+
+def random_resized_crop(x: Tensor, generator: torch.Generator) -> Tensor:
+    """torchvision's RandomResizedCrop drawn from `generator` (:func:`crop_box`), resized back to x's H x W
+    (bilinear, antialiased). `x` is [C, H, W]."""
+    _, h, w = x.shape
+    top, left, ch, cw = crop_box(h, w, generator)
     crop = x[:, top : top + ch, left : left + cw]
     if (ch, cw) == (h, w):
         return crop

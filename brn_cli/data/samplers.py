@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from brn_cli.data.datasets import ArrayDataset, _ArrayBatches
+from brn_cli.data.base import ArrayDataset, _ArrayBatches
 from brn_cli.errors import BrnError
 
 __all__ = [

@@ -14,7 +14,9 @@ from brn_cli.errors import BrnError
 
 __all__ = [
     "IMAGE_CHANNELS",
+    "TASKS",
     "check_data_spec",
+    "check_task",
     "data_kind",
     "default_resize_size",
     "parse_normalize",
@@ -73,6 +75,15 @@ def data_kind(spec: str | os.PathLike) -> str:
 
 
 IMAGE_CHANNELS = (1, 3)
+# What the targets of a data set are: a class per example (classification, and embedding, whose labels say
+# which examples belong together), or a class map per example (segmentation).
+TASKS = ("classification", "segmentation", "embedding")
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise BrnError(f"`task` {task!r}: expected one of {', '.join(TASKS)}")
+    return task
 
 
 def check_data_spec(

@@ -16,7 +16,13 @@ import torch
 from torch import fx, nn
 
 from brn_cli.errors import first_line
-from brn_cli.nn.norms import folds_as_batch_norm, is_batch_norm, is_frozen_batch_norm, norm_channels
+from brn_cli.nn.norms import (
+    folds_as_batch_norm,
+    is_batch_norm,
+    is_frozen_batch_norm,
+    is_peer_renorm,
+    norm_channels,
+)
 
 FOLDABLE_PRODUCERS = (
     nn.Conv1d,
@@ -43,7 +49,14 @@ class LeafTracer(fx.Tracer):
     """fx tracer that keeps norms, convs and linears (and torch.nn's own modules) as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_batch_norm(m) or is_frozen_batch_norm(m) or isinstance(m, FOLDABLE_PRODUCERS):
+        # torchrl's / sb3-contrib's renorm layers too: traced through, their training forward's in-place
+        # updates would replace the layer's buffers by fx proxies.
+        if (
+            is_batch_norm(m)
+            or is_frozen_batch_norm(m)
+            or is_peer_renorm(m)
+            or isinstance(m, FOLDABLE_PRODUCERS)
+        ):
             return True
         return super().is_leaf_module(m, qualname)
 

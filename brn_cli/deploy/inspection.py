@@ -15,10 +15,12 @@ from brn_cli.nn.norms import (
     folds_as_batch_norm,
     is_frozen_batch_norm,
     is_inspected_norm,
+    is_peer_renorm,
     is_per_example_norm,
     is_renorm,
     norm_channels,
 )
+from brn_cli.nn.peers import peer_label, peer_schedule, peer_statistics
 from brn_cli.storage.checkpoint import LoadedCheckpoint
 
 
@@ -58,6 +60,8 @@ def stats_health(module: nn.Module) -> str:
     """'ok', 'no running stats', or a description of NaN/inf/negative running statistics."""
     mean = getattr(module, "running_mean", None)
     var = getattr(module, "running_var", None)
+    if is_peer_renorm(module):  # sb3-contrib names them ra_mean / ra_var
+        mean, var = peer_statistics(module)
     if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
         return "no running stats"
     problems = []
@@ -72,6 +76,16 @@ def stats_health(module: nn.Module) -> str:
     return "; ".join(problems) if problems else "ok"
 
 
+def _current_limits(module: nn.Module) -> dict[str, float | None]:
+    """rmax and dmax a renorm layer (brn's, or torchrl's / sb3-contrib's at its warm-up position) uses now."""
+    if is_renorm(module):
+        return {"rmax": float(module.rmax), "dmax": float(module.dmax)}
+    if is_peer_renorm(module):
+        rmax, dmax = peer_schedule(module).limits()
+        return {"rmax": rmax, "dmax": dmax}
+    return {"rmax": None, "dmax": None}
+
+
 def _convert_outcome(decision: LayerDecision) -> str:
     return decision.target_type if decision.action == "convert" else f"skipped: {decision.reason}"
 
@@ -82,6 +96,9 @@ def conversion_outcomes(model: nn.Module) -> dict[str, str]:
     plans = {mode: plan_conversion(model, frozen=mode) for mode in ("keep", "convert", "convert-all")}
     outcomes = {}
     for i, decision in enumerate(plans["keep"]):
+        if decision.peer and decision.action == "convert":
+            outcomes[decision.name] = f"{decision.target_type}, {decision.peer_position}"
+            continue
         if not decision.frozen:
             outcomes[decision.name] = _convert_outcome(decision)
             continue
@@ -133,12 +150,11 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
         momentum = getattr(module, "momentum", None)
         norm = NormReport(
             name=name,
-            type=type(module).__name__,
+            type=peer_label(module) if is_peer_renorm(module) else type(module).__name__,
             channels=int(channels) if channels is not None else None,
             eps=float(module.eps) if hasattr(module, "eps") else None,
             momentum=float(momentum) if momentum is not None else None,
-            rmax=float(module.rmax) if is_renorm(module) else None,
-            dmax=float(module.dmax) if is_renorm(module) else None,
+            **_current_limits(module),
             health=stats_health(module),
             frozen=is_frozen_batch_norm(module),
             on_convert=outcomes.get(name),
@@ -150,6 +166,8 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
             norm.fold_reason = "no running statistics (normalizes with batch statistics at inference)"
         elif is_per_example_norm(module):
             norm.fold_reason = f"{type(module).__name__} normalizes per example: not a fixed affine map"
+        elif is_peer_renorm(module):
+            norm.fold_reason = "folds as BatchNorm once converted (brn convert)"
         elif report.trace_error:
             norm.fold_reason = "graph not traced"
         else:

@@ -1,4 +1,7 @@
-"""Loss and accuracy in inference mode, and with minibatch statistics (the train/inference gap).
+"""A task's loss and metrics in inference mode, and with minibatch statistics (the train/inference gap).
+
+The task (:mod:`brn_cli.tasks`; classification by default: cross-entropy and accuracy) says what the
+outputs mean; its metrics are accumulated over the whole split (a confusion matrix, every embedding).
 
 Inference mode is ``model.eval()``: every norm layer normalizes with its moving averages,
 ``y = gamma (x - mu) / sigma + beta``, a deterministic function of each example alone.
@@ -19,13 +22,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from brn_cli.errors import BrnError
 from brn_cli.nn.norms import is_renorm, norm_layers
-from brn_cli.nn.outputs import model_logits
 from brn_cli.progress import Progress, or_null
+from brn_cli.tasks import Classification
+from brn_cli.tasks.base import Task
 
 __all__ = [
     "EvalResult",
@@ -33,18 +36,24 @@ __all__ = [
     "default_batch_size",
     "evaluate",
     "evaluate_data",
+    "evaluate_state",
 ]
 
 
 @dataclass
 class EvalResult:
-    """Mean cross-entropy, top-1 accuracy (fraction in [0, 1]) and example count over the data."""
+    """The task's mean loss and metrics over the data. `metric` is the primary one (`metric_name`: accuracy,
+    mean_iou, recall@1, ...), `metrics` all of them (per-class lists included); `accuracy` is the top-1
+    accuracy (a fraction in [0, 1]) for classification, else None."""
 
     loss: float
-    accuracy: float
+    accuracy: float | None
     examples: int
     mode: str  # "inference" or "batch-stats"
     batches: int = 0
+    metric_name: str = "accuracy"
+    metric: float | None = None
+    metrics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,31 +100,25 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtypes[amp])
 
 
-def evaluate(
+def evaluate_state(
     model: nn.Module,
     loader: Iterable,
+    task: Task | None = None,
     *,
     device: str | torch.device = "cpu",
     batch_stats: bool = False,
     amp: str = "off",
     channels_last: bool = False,
     progress: Progress | None = None,
-) -> EvalResult:
-    """Mean cross-entropy and top-1 accuracy of `model` over the (x, y) batches of `loader`.
-
-    Inference mode (``model.eval()``) by default; ``batch_stats=True`` normalizes with each minibatch's
-    statistics instead (see :func:`batch_statistics_mode`), running statistics left untouched. The model is
-    moved to `device`; its training flags are restored afterwards. No gradients. `progress` hears of
-    each batch.
-    """
+) -> tuple[dict[str, Any], int]:
+    """The task's metric state over the (x, target) batches of `loader` (see :func:`evaluate`) and the
+    number of batches; for several processes, reduce the states (``task.reduce``) before ``task.compute``."""
+    task = task if task is not None else Classification()
     dev = torch.device(device)
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    total_loss = 0.0
-    correct = 0
-    examples = 0
-    batches = 0
+    state, batches = task.metric_state(), 0
     mode = "batch-stats" if batch_stats else "inference"
     try:
         total = len(loader)  # type: ignore[arg-type]
@@ -135,46 +138,73 @@ def evaluate(
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(dev, amp):
-                    try:
-                        output = model(x)
-                    except ValueError as exc:
-                        if "Expected more than 1 value per channel" in str(exc):
-                            raise BrnError(
-                                f"a batch of {len(x)} is too small for minibatch statistics; "
-                                "use a larger `batch_size`"
-                            ) from None
-                        raise
-                logits = _class_scores(output).float()
-                if len(y) and int(y.max()) >= logits.shape[1]:
-                    raise BrnError(
-                        f"label {int(y.max())} out of range for a model with {logits.shape[1]} outputs"
-                    )
-                total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
-                examples += len(y)
+                    output = _forward(model, x)
+                task.check(output, y)
+                task.update(state, output, y)
                 batches += 1
                 progress.update(batches)
     finally:
         progress.stop()
         for module, flag in flags.items():
             module.train(flag)
-    if examples == 0:
-        raise BrnError("no examples to evaluate: the data is empty")
-    return EvalResult(total_loss / examples, correct / examples, examples, mode, batches)
+    return state, batches
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Any:
+    try:
+        return model(x)
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" in str(exc):
+            raise BrnError(
+                f"a batch of {len(x)} is too small for minibatch statistics; use a larger `batch_size`"
+            ) from None
+        raise
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    task: Task | None = None,
+    device: str | torch.device = "cpu",
+    batch_stats: bool = False,
+    amp: str = "off",
+    channels_last: bool = False,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """The task's mean loss and metrics of `model` over the (x, target) batches of `loader` (default task:
+    classification, cross-entropy and top-1 accuracy).
+
+    Inference mode (``model.eval()``) by default; ``batch_stats=True`` normalizes with each minibatch's
+    statistics instead (see :func:`batch_statistics_mode`), running statistics left untouched. The model is
+    moved to `device`; its training flags are restored afterwards. No gradients. `progress` hears of
+    each batch.
+    """
+    task = task if task is not None else Classification()
+    state, batches = evaluate_state(
+        model,
+        loader,
+        task,
+        device=device,
+        batch_stats=batch_stats,
+        amp=amp,
+        channels_last=channels_last,
+        progress=progress,
+    )
+    metrics = task.compute(state)
+    return EvalResult(
+        loss=metrics["loss"],
+        accuracy=metrics["accuracy"] if isinstance(task, Classification) else None,
+        examples=int(state["count"]),
+        mode="batch-stats" if batch_stats else "inference",
+        batches=batches,
+        metric_name=task.metric_name,
+        metric=metrics.get(task.metric_name),
+        metrics={k: v for k, v in metrics.items() if k != "loss"},
+    )
 
 
 DEFAULT_BATCH = 256
-
-
-def _class_scores(output: Any) -> torch.Tensor:
-    """The class scores of one batch's output; a detector's per-image dicts are refused in one line."""
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], dict):
-        keys = ", ".join(map(str, output[0])) or "no keys"
-        raise BrnError(
-            f"the model returns a list of dicts per image ({keys}), a detector's output; "
-            "evaluate scores classifiers only (class scores [batch, classes])"
-        )
-    return model_logits(output)
 
 
 def default_batch_size(labels: torch.Tensor, sampler: str = "iid") -> int:
@@ -203,6 +233,7 @@ def evaluate_data(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Evaluate on a DataBundle's validation split: inference mode, plus batch-stats mode when asked.
 
@@ -211,8 +242,9 @@ def evaluate_data(
     statistics), as the paper evaluated with test minibatches composed like the training ones.
     `batch_size` None: :func:`default_batch_size` for the validation labels and `sampler`. Before either
     pass, :func:`~brn_cli.data.datasets.fit_data_to_model` checks the data against the model (channels, classes).
-    Returns {"inference": EvalResult dict, "batch_stats": EvalResult dict | None, "gap": accuracy
-    difference batch-stats minus inference | None}.
+    `task` (default classification) gives the loss and the metrics. Returns {"inference": EvalResult dict,
+    "batch_stats": EvalResult dict | None, "metric": the task's primary metric, "gap": that metric,
+    batch-stats minus inference | None}.
     """
     from brn_cli.data.datasets import fit_data_to_model
     from brn_cli.data.samplers import LabelBatchSampler, eval_loader, make_loader, parse_sampler
@@ -224,16 +256,23 @@ def evaluate_data(
     sampler = parse_sampler(sampler)
     if batch_size is None:
         batch_size = default_batch_size(bundle.val_labels, sampler)
-    fit_data_to_model(model, bundle, split="val")
+    task = task if task is not None else Classification()
+    fit_data_to_model(model, bundle, split="val", labels=type(task) is Classification)
     batch_sampler = None
     if batch_stats:  # check the batch composition before the (longer) inference pass
         batch_sampler = LabelBatchSampler(bundle.val_labels, batch_size, sampler, seed=seed)
-    inference = evaluate(model, eval_loader(bundle.val, batch_size), device=device, progress=progress)
-    result: dict[str, Any] = {"inference": inference.to_dict(), "batch_stats": None, "gap": None}
+    loader = eval_loader(bundle.val, batch_size)
+    inference = evaluate(model, loader, task=task, device=device, progress=progress)
+    result: dict[str, Any] = {
+        "task": task.name,
+        "metric": task.metric_name,
+        "inference": inference.to_dict(),
+        "batch_stats": None,
+        "gap": None,
+    }
     if batch_sampler is not None:
-        stats = evaluate(
-            model, make_loader(bundle.val, batch_sampler), device=device, batch_stats=True, progress=progress
-        )
+        loader = make_loader(bundle.val, batch_sampler)
+        stats = evaluate(model, loader, task=task, device=device, batch_stats=True, progress=progress)
         result["batch_stats"] = {**stats.to_dict(), "sampler": sampler, "batch_size": batch_size}
-        result["gap"] = stats.accuracy - inference.accuracy
+        result["gap"] = stats.metric - inference.metric
     return result

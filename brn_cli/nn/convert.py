@@ -12,6 +12,9 @@ Which modules convert:
   * frozen BatchNorms (torchvision's and timm's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d), only when
     asked (``frozen``): they are a fixed affine map with BatchNorm's buffers (no ``num_batches_tracked``),
     which a detector uses because its batches are too small for BatchNorm;
+  * torchrl's ``BatchRenorm1d`` and sb3-contrib's ``BatchRenorm`` (CrossQ critics), unless ``peers=False``:
+    their variance, eps, momentum, affine parameters and step counter carry over (:mod:`brn_cli.nn.peers`),
+    and the limits are theirs once their warm-up is over;
   * skipped, with the reason: layers without running statistics, subclasses that override ``forward`` with
     behaviour brn does not know, names excluded by the user's globs, frozen norms kept frozen.
 
@@ -54,6 +57,7 @@ from brn_cli.nn.norms import (
     frozen_norm_has_act,
     is_batch_norm,
     is_frozen_batch_norm,
+    is_peer_renorm,
     is_renorm,
     is_timm_norm_act,
     is_torch_batch_norm,
@@ -63,6 +67,13 @@ from brn_cli.nn.norms import (
     set_submodule,
 )
 from brn_cli.nn.outputs import flat_outputs
+from brn_cli.nn.peers import (
+    describe_peer,
+    peer_label,
+    peer_skip_reason,
+    peer_statistics,
+    renorm_from_peer,
+)
 
 _PLAIN_TARGETS: dict[type, type[BatchRenormNd]] = {
     nn.BatchNorm1d: BatchRenorm1d,
@@ -88,6 +99,8 @@ class LayerDecision:
     target_type: str | None = None
     reason: str | None = None
     frozen: bool = False  # the source is a frozen BatchNorm (FrozenBatchNorm2d)
+    peer: bool = False  # the source is torchrl's or sb3-contrib's Batch Renorm layer
+    peer_position: str | None = None  # a peer's warm-up position, in words (brn_cli.nn.peers.describe_peer)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,33 +165,48 @@ def plan_conversion(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     frozen: str = "keep",
+    peers: bool = True,
 ) -> list[LayerDecision]:
-    """Decide, for every BatchNorm module of `model` (frozen BatchNorms included), whether it converts and to
-    what. `frozen` is "keep", "convert" or "convert-all" (see the module docstring)."""
+    """Decide, for every BatchNorm module of `model` (frozen BatchNorms and torchrl's / sb3-contrib's Batch
+    Renorm layers included), whether it converts and to what. `frozen` is "keep", "convert" or "convert-all"
+    (see the module docstring); `peers` False keeps the torchrl / sb3-contrib layers."""
     check_frozen_mode(frozen)
     decisions = []
     producer: tuple[str, nn.Module] | None = None  # the last conv / linear before a norm, in module order
     for name, module in model.named_modules():
         if isinstance(module, _PRODUCERS):
             producer = (name, module)
-        is_frozen = is_frozen_batch_norm(module)
-        if not (is_frozen or is_torch_batch_norm(module)):
+        is_frozen, is_peer = is_frozen_batch_norm(module), is_peer_renorm(module)
+        if not (is_frozen or is_peer or is_torch_batch_norm(module)):
             continue
-        target, reason = _frozen_target(module, frozen, producer) if is_frozen else _target_for(module)
+        if is_peer:
+            target, reason = _peer_target(module, peers)
+        else:
+            target, reason = _frozen_target(module, frozen, producer) if is_frozen else _target_for(module)
         if target is not None:
             reason = _selected(name, include, exclude)
         decisions.append(
             LayerDecision(
                 name=name,
-                source_type=type(module).__name__,
-                num_features=norm_channels(module) if hasattr(module, "running_mean") else 0,
+                source_type=peer_label(module) if is_peer else type(module).__name__,
+                num_features=norm_channels(module) if is_peer or hasattr(module, "running_mean") else 0,
                 action="convert" if reason is None else "skip",
                 target_type=target.__name__ if reason is None and target is not None else None,
                 reason=reason,
                 frozen=is_frozen,
+                peer=is_peer,
+                peer_position=describe_peer(module) if is_peer else None,
             )
         )
     return decisions
+
+
+def _peer_target(module: nn.Module, peers: bool) -> tuple[type[BatchRenormNd] | None, str | None]:
+    """brn's class for a torchrl / sb3-contrib Batch Renorm layer, or (None, why it is kept)."""
+    if not peers:
+        return None, f"{peer_label(module)} kept (`peers=False`); `peers=True` converts it"
+    reason = peer_skip_reason(module)
+    return (None, reason) if reason is not None else (BatchRenorm1d, None)
 
 
 def _unusable(bn: _BatchNorm) -> str | None:
@@ -189,7 +217,8 @@ def _unusable(bn: _BatchNorm) -> str | None:
             f"eps is {eps:g}; batch renorm needs eps > 0 (it divides by sqrt(batch variance + eps)): "
             "build the model with a positive eps, e.g. 1e-5"
         )
-    problem = describe_bad_running_stats(bn.running_mean, bn.running_var)
+    mean, var = peer_statistics(bn) if is_peer_renorm(bn) else (bn.running_mean, bn.running_var)
+    problem = describe_bad_running_stats(mean, var)
     if problem is not None:
         return f"{problem}; fix or recalibrate the source (brn calibrate)"
     return None
@@ -224,12 +253,13 @@ def plan_checked(
     frozen: str = "keep",
     source: str = "the model",
     require_conversion: bool = True,
+    peers: bool = True,
 ) -> list[LayerDecision]:
     """:func:`plan_conversion`, refusing in one line (naming `source`) a model with no BatchNorm layer to
     convert, a plan that skips every layer (unless `require_conversion` is False: a dry run shows why; a
     model of frozen norms kept frozen is told how many and how to convert them), and a layer a renorm layer
     cannot start from (:func:`check_convertible`)."""
-    decisions = plan_conversion(model, include=include, exclude=exclude, frozen=frozen)
+    decisions = plan_conversion(model, include=include, exclude=exclude, frozen=frozen, peers=peers)
     if not decisions:
         raise BrnError(
             f"{source}: the model has no BatchNorm layers with running statistics; nothing to convert"
@@ -326,6 +356,7 @@ def convert_batchnorm(
     rmax: float | None = None,
     dmax: float | None = None,
     frozen: str = "keep",
+    peers: bool = True,
 ) -> nn.Module:
     """Replace BatchNorm modules of `model` by Batch Renorm in place; returns `model`.
 
@@ -335,6 +366,11 @@ def convert_batchnorm(
     is the paper's alpha. Use :func:`plan_conversion` to see what would convert and why not.
     Frozen BatchNorms (torchvision's FrozenBatchNorm2d in detectors) stay as they are unless `frozen` is
     "convert" (trainable renorm layers, except in stages whose convolutions are frozen) or "convert-all".
+    torchrl's ``BatchRenorm1d`` and sb3-contrib's ``BatchRenorm`` (CrossQ critics) become BatchRenorm1d
+    unless `peers` is False: statistics (their variance is brn's running_var), eps, their own momentum (not
+    `momentum`: theirs already is the renorm rate, in the same convention), affine parameters and step
+    counter carry over, and once their warm-up is over they keep their limits; read the warm-up position
+    with :func:`brn_cli.nn.peers.peer_schedule` *before* converting to continue it with a scheduler.
     A model that is itself a BatchNorm module is returned as a new renorm module. A layer set to convert
     whose eps or running statistics renorm cannot use raises BrnError naming it, with `model` untouched.
 
@@ -347,14 +383,18 @@ def convert_batchnorm(
         >>> type(convert_batchnorm(model, frozen="convert")[1]).__name__
         'BatchRenorm2d'
     """
-    decisions = plan_conversion(model, include=include, exclude=exclude, frozen=frozen)
+    decisions = plan_conversion(model, include=include, exclude=exclude, frozen=frozen, peers=peers)
     check_convertible(model, decisions)
     for decision in decisions:
         if decision.action != "convert":
             continue
         bn = model.get_submodule(decision.name) if decision.name else model
-        build = renorm_from_frozen if decision.frozen else renorm_from_batchnorm
-        new = build(bn, _LAYER_TYPES[decision.target_type], momentum=momentum, rmax=rmax, dmax=dmax)
+        target = _LAYER_TYPES[decision.target_type]
+        if decision.peer:
+            new = renorm_from_peer(bn, target, rmax=rmax, dmax=dmax)
+        else:
+            build = renorm_from_frozen if decision.frozen else renorm_from_batchnorm
+            new = build(bn, target, momentum=momentum, rmax=rmax, dmax=dmax)
         if not decision.name:
             return new
         set_submodule(model, decision.name, new)
@@ -370,7 +410,7 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
             raise BrnError(
                 f"checkpoint records renorm layer {name!r}, which the architecture lacks"
             ) from None
-        if not (is_torch_batch_norm(bn) or is_frozen_batch_norm(bn)):
+        if not (is_torch_batch_norm(bn) or is_frozen_batch_norm(bn) or is_peer_renorm(bn)):
             raise BrnError(
                 f"checkpoint records renorm layer {name!r}, but the architecture has a "
                 f"{type(bn).__name__} there"
@@ -379,6 +419,7 @@ def apply_renorm_layout(model: nn.Module, layers: dict[str, dict[str, Any]]) -> 
         if target is None:
             raise BrnError(f"checkpoint layer {name!r} has unknown type {settings.get('type')!r}")
         build = renorm_from_frozen if is_frozen_batch_norm(bn) else renorm_from_batchnorm
+        build = renorm_from_peer if is_peer_renorm(bn) else build
         try:
             new = build(
                 bn,
@@ -558,8 +599,9 @@ class CheckedConversion:
 
 
 def _converted_frozen(original: nn.Module, converted: nn.Module) -> bool:
-    """Whether conversion replaced a frozen BatchNorm of `original` (a whole-model swap included)."""
-    frozen = {name for name, m in original.named_modules() if is_frozen_batch_norm(m)}
+    """Whether conversion replaced a frozen BatchNorm or a torchrl / sb3-contrib Batch Renorm layer of
+    `original` (a whole-model swap included): they compute the eval function with their own expression."""
+    frozen = {name for name, m in original.named_modules() if is_frozen_batch_norm(m) or is_peer_renorm(m)}
     return any(is_renorm(m) for name, m in converted.named_modules() if name in frozen)
 
 
@@ -588,16 +630,20 @@ def convert_checked(
     exclude: Sequence[str] | None = None,
     frozen: str = "keep",
     tolerance: float = 1e-5,
+    peers: bool = True,
 ) -> CheckedConversion:
     """:func:`convert_batchnorm` (in place), then check that eval outputs did not change: the original and the
     converted model run on one random input of `input_shape` (default: :func:`infer_input_shape`, helped by
-    `arch_spec`); `frozen` as for :func:`convert_batchnorm`. A converted BatchNorm computes the same expression
-    with the same kernel, so any difference beyond `tolerance` is a conversion bug: VerificationError. A
-    converted frozen norm computes it with BatchNorm's kernel instead of ``x * scale + shift``: rounding
-    differs by an ulp or so per layer, so `tolerance` is then relative to the largest output. BrnError when
+    `arch_spec`); `frozen` and `peers` as for :func:`convert_batchnorm`. A converted BatchNorm computes the same
+    expression with the same kernel, so any difference beyond `tolerance` is a conversion bug:
+    VerificationError. A converted frozen norm (or torchrl / sb3-contrib layer) computes it with BatchNorm's
+    kernel instead of its own expression (``x * scale + shift``): rounding differs by an ulp or so per layer,
+    so `tolerance` is then relative to the largest output. BrnError when
     no shape is known or the model does not run on it."""
     original = copy.deepcopy(model)
-    converted = convert_batchnorm(model, momentum=momentum, include=include, exclude=exclude, frozen=frozen)
+    converted = convert_batchnorm(
+        model, momentum=momentum, include=include, exclude=exclude, frozen=frozen, peers=peers
+    )
     shape = list(input_shape) if input_shape else infer_input_shape(converted, arch_spec=arch_spec)
     if shape is None:
         raise BrnError("cannot infer an input shape from the first layer; pass `input_shape`")

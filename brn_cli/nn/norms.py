@@ -2,9 +2,9 @@
 
 Conversion, folding, inspection, calibration, evaluation, checkpoints and distributed training all ask the
 same questions of a module: is it a BatchNorm (torch's, including SyncBatchNorm and timm's BatchNormAct2d,
-which subclass it), a Batch Renorm layer, a frozen BatchNorm, a per-example norm? Does it keep running
-statistics? Which layers of a model are renorm layers? The answers live here, so the commands cannot
-disagree about which layers they handle.
+which subclass it), a Batch Renorm layer (brn's, or torchrl's / sb3-contrib's), a frozen BatchNorm, a
+per-example norm? Does it keep running statistics? Which layers of a model are renorm layers? The answers
+live here, so the commands cannot disagree about which layers they handle.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ __all__ = [
     "is_batch_norm",
     "is_frozen_batch_norm",
     "is_inspected_norm",
+    "is_peer_renorm",
     "is_per_example_norm",
     "is_renorm",
     "is_timm_norm_act",
     "is_torch_batch_norm",
     "norm_channels",
     "norm_layers",
+    "peer_renorm_class",
     "renorm_layer_settings",
     "renorm_layers",
     "runs_torch_batch_norm_forward",
@@ -59,6 +61,10 @@ PER_EXAMPLE_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNor
 # What `brn inspect` lists (frozen BatchNorms too, matched by name: see is_frozen_batch_norm).
 INSPECTED_NORM_TYPES: tuple[type[nn.Module], ...] = (*BATCH_NORM_TYPES, *PER_EXAMPLE_NORM_TYPES)
 _TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
+# Batch Renorm layers of other libraries (CrossQ critics use them), as (top-level package, class name):
+# torchrl.modules.BatchRenorm1d and sb3_contrib.common.torch_layers.BatchRenorm (and its BatchRenorm1d).
+# Matched by name, as frozen BatchNorms: neither library is a dependency. nn.peers converts them.
+PEER_RENORM_CLASSES = frozenset({("torchrl", "BatchRenorm1d"), ("sb3_contrib", "BatchRenorm")})
 
 
 def is_torch_batch_norm(module: nn.Module) -> bool:
@@ -83,6 +89,19 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     every check pay for the import.
     """
     return "FrozenBatchNorm" in type(module).__name__
+
+
+def peer_renorm_class(module: nn.Module) -> type | None:
+    """The torchrl / sb3-contrib Batch Renorm class `module` is an instance of (itself or a base), or None."""
+    for cls in type(module).__mro__:
+        if (cls.__module__.partition(".")[0], cls.__name__) in PEER_RENORM_CLASSES:
+            return cls
+    return None
+
+
+def is_peer_renorm(module: nn.Module) -> bool:
+    """A Batch Renorm layer of torchrl or sb3-contrib (not brn's: those are :func:`is_renorm`)."""
+    return peer_renorm_class(module) is not None
 
 
 def frozen_norm_has_act(module: nn.Module) -> bool:
@@ -113,8 +132,8 @@ def is_per_example_norm(module: nn.Module) -> bool:
 
 
 def is_inspected_norm(module: nn.Module) -> bool:
-    """Any normalization layer `brn inspect` reports."""
-    return isinstance(module, INSPECTED_NORM_TYPES) or is_frozen_batch_norm(module)
+    """Any normalization layer `brn inspect` reports (torchrl's and sb3-contrib's Batch Renorm too)."""
+    return isinstance(module, INSPECTED_NORM_TYPES) or is_frozen_batch_norm(module) or is_peer_renorm(module)
 
 
 def is_timm_norm_act(module: nn.Module) -> bool:

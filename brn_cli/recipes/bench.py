@@ -515,9 +515,125 @@ def _ops_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
     return [*lines, ""]
 
 
+__all__ += ["bench_crossq_step", "crossq_critic"]
+
+
+def crossq_critic(
+    in_features: int, hidden: Sequence[int] = (256, 256), norm: Callable[[int], nn.Module] = nn.BatchNorm1d
+) -> nn.Sequential:
+    """A CrossQ Q-network (Bhatt et al., ICLR 2024; their SBX code): a norm on the (state, action) input,
+    then Linear -> ReLU -> norm per hidden layer, and a linear output."""
+    layers: list[nn.Module] = [norm(in_features)]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(), norm(h)]
+        width = h
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def _crossq_update(
+    critics: nn.ModuleList, batch: dict[str, torch.Tensor], gamma: float = 0.99
+) -> Callable[[], None]:
+    """One CrossQ critic update: (s, a) and (s', a') through each critic in ONE training forward (so both
+    halves share the batch statistics; CrossQ has no target network), the target from the detached next
+    half, mean squared error, Adam step."""
+    opt = torch.optim.Adam(critics.parameters(), lr=3e-4)
+    critics.train()
+    joint = torch.cat([batch["obs_act"], batch["next_obs_act"]])
+    n = batch["obs_act"].shape[0]
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        q_now, q_next = zip(*(critic(joint).split(n) for critic in critics), strict=True)
+        next_value = torch.min(torch.stack(q_next), dim=0).values.detach()
+        target = batch["reward"] + gamma * (1.0 - batch["done"]) * next_value
+        loss = sum(nn.functional.mse_loss(q, target) for q in q_now)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def bench_crossq_step(
+    *,
+    batch: int = 256,
+    obs_dim: int = 17,
+    act_dim: int = 6,
+    hidden: Sequence[int] = (256, 256),
+    critics: int = 2,
+    device: str | torch.device = "cpu",
+    reps: int = 50,
+    warmup: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """CrossQ critic update with BatchRenorm1d (rmax 3, dmax 5: CrossQ after its warm-up) vs nn.BatchNorm1d.
+
+    Twin critics of identical weights (the renorm pair converted from the BatchNorm pair), momentum 0.01
+    (CrossQ's 0.99 in Flax's convention), a HalfCheetah-sized transition batch (17 + 6 inputs). Interleaved
+    rounds; the ratio is the median of per-round renorm/batchnorm ratios (:func:`paired_ratio`).
+    """
+    import copy
+
+    from brn_cli.nn.convert import convert_batchnorm
+    from brn_cli.nn.norms import set_renorm_limits
+
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    bn = nn.ModuleList(crossq_critic(obs_dim + act_dim, hidden) for _ in range(critics)).to(dev)
+    brn = convert_batchnorm(copy.deepcopy(bn), momentum=0.01, rmax=3.0, dmax=5.0)
+    for critic in bn.modules():
+        if isinstance(critic, nn.BatchNorm1d):
+            critic.momentum = 0.01
+    layers = set_renorm_limits(brn, rmax=3.0, dmax=5.0)
+    gen = torch.Generator().manual_seed(seed)
+    data = {
+        "obs_act": torch.randn(batch, obs_dim + act_dim, generator=gen),
+        "next_obs_act": torch.randn(batch, obs_dim + act_dim, generator=gen),
+        "reward": torch.randn(batch, 1, generator=gen),
+        "done": (torch.rand(batch, 1, generator=gen) < 0.01).float(),
+    }
+    data = {k: v.to(dev) for k, v in data.items()}
+    times = interleaved_times(
+        {"batchnorm": _crossq_update(bn, data), "renorm": _crossq_update(brn, data)},
+        reps=reps,
+        warmup=warmup,
+        device=dev,
+    )
+    return {
+        "batch": batch,
+        "inputs": obs_dim + act_dim,
+        "hidden": [int(h) for h in hidden],
+        "critics": critics,
+        "renorm_layers": layers,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "ratio": paired_ratio(times["renorm"], times["batchnorm"]),
+    }
+
+
+def _crossq_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "| CrossQ critic update (joint (s,a)/(s',a') forward, Adam) | ms BN | ms BRN | ratio BRN/BN |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        widths = "-".join(map(str, r["hidden"]))
+        lines.append(
+            f"| {r['critics']} critics, {r['inputs']}-{widths}-1, batch {r['batch']} ({r['device']}, "
+            f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}) | {r['ms']['batchnorm']:.3f} | "
+            f"{r['ms']['renorm']:.3f} | {r['ratio']:.3f} |"
+        )
+    return [*lines, ""]
+
+
 __all__ += ["BENCH_PARTS", "benchmarks_markdown", "run_benchmarks"]
 
-BENCH_PARTS = ("layer", "models", "onnx", "peer", "ops")
+BENCH_PARTS = ("layer", "models", "onnx", "peer", "ops", "crossq")
 
 
 def run_benchmarks(
@@ -579,6 +695,11 @@ def run_benchmarks(
     if "ops" in parts:
         say("op counts")
         results["ops"] = bench_ops(device=dev)
+    if "crossq" in parts:
+        say("CrossQ critic update")
+        results["crossq"] = [
+            bench_crossq_step(device=dev, reps=5 if quick else 50, warmup=1 if quick else 10)
+        ]
     return results
 
 
@@ -648,4 +769,5 @@ def benchmarks_markdown(results: dict[str, Any]) -> str:
                 )
         lines.append("")
     lines += _ops_markdown(results.get("ops"))
+    lines += _crossq_markdown(results.get("crossq"))
     return "\n".join(lines)

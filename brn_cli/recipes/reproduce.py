@@ -1,323 +1,228 @@
-"""`brn reproduce`: the paper's section-4 experiments at small scale, batchnorm against renorm, several seeds.
+"""`brn reproduce`: where Batch Renorm helps, mapped at small scale over the paper's training regimes.
 
-The paper trains Inception-v3 on ImageNet for 130k steps. Here the same *comparisons* run on the bundled
-MNIST digits (4,000 train / 1,000 validation) with the small sample ResNet, through the same fine-tuning loop
-users run (:func:`brn_cli.train.finetune.run_finetune`), from a random initialisation as in the paper:
+The paper (Ioffe 2017, section 4) trains Inception-v3 on ImageNet for 130k steps. Here the same *comparisons*
+run on the bundled MNIST digits (4,000 train / 1,000 validation) with the sample models, through the
+fine-tuning loop users run, from a random initialisation as in the paper, over a grid of
 
-=============  =====================================  ==================================================
-setting        batches                                the paper (Inception-v3, ImageNet, top-1)
-=============  =====================================  ==================================================
-iid-32         i.i.d. batches of 32                   BN 78.3%, BRN 78.5% (130k steps)
-micro-4        batch 32 normalized in groups of 4     BN 74.2% at 210k, BRN 76.5% at 130k
-micro-2        batch 32 normalized in groups of 2     (not run in the paper)
-grouped-2      batch 16 = 8 labels x 2 examples       BN 67%, BRN 78.5% at 120k (16 labels x 2 of 1000)
-grouped-16     batch 32 = 2 labels x 16 examples      (not run in the paper)
-=============  =====================================  ==================================================
+* batch composition: i.i.d. batches of 32; batch 32 normalized in microbatches of 4 or 2 (section 4.2);
+  2 labels x 16 examples, 8 labels x 2 examples (section 4.3's 2 per label; MNIST has 10 labels, so the
+  paper's 16 labels x 2 cannot be drawn), and 1 label per batch;
+* learning-rate regime: constant, step decay (``step``: Inception-v3's x0.94 decays, 81 over the run, as
+  the paper's model was trained) and cosine to zero;
+* alpha (the moving averages' rate) 0.01 and 0.1; architecture (plain 3-conv CNN, small ResNet, separable
+  CNN); length 400, 800 and 1,600 steps; seeds 0, 1, 2 by default.
 
-MNIST has 10 labels, so the paper's 16 labels x 2 examples per batch of 32 cannot be drawn; ``grouped-2``
-keeps 2 examples per label (batch 16, 8 of the 10 labels) and ``grouped-16`` keeps what made the paper's
-batches unusual -- a batch covers a small fraction of the labels (2 of 10) -- at batch 32.
+The grid is a main slice plus one-axis-at-a-time variations around it (:mod:`brn_cli.recipes.reproduce_grid`
+says which cells and why). Each cell trains batchnorm, renorm and GroupNorm and scores batchnorm also with
+exact population statistics (precise BN) and with batch statistics (:mod:`brn_cli.recipes.reproduce_runs`).
+The report (:mod:`brn_cli.recipes.reproduce_report`) is a table with final and best accuracy per cell, a
+curve PNG per cell and the paper's figures beside ours where it has them.
 
-"batchnorm" is the renorm layer with the schedule ``off`` (rmax = 1, dmax = 0 at every step: the same function
-and gradients as nn.BatchNorm, microbatches included); "renorm" uses ``paper-scaled`` (the paper's knots
-multiplied by steps/130k). Everything else -- initialisation, data order, learning rate -- is identical per
-seed. The reported number is the final model's inference-mode validation accuracy (moving averages), as in
-the paper; mean and sample standard deviation over seeds.
-
-Each run writes its own folder ``DIR/runs/SETTING/METHOD/seedN/`` (the fine-tuning run folder plus
-``run.json``); a run whose ``run.json`` exists is not repeated, so an interrupted reproduction continues
-where it stopped, and several processes may work on disjoint settings in one DIR. ``results.json``,
-``results.md`` and ``results.png`` are rebuilt from every finished run found in DIR.
+Each run writes its own folder ``DIR/runs/KEY/METHOD/seedN/`` (the fine-tuning run folder plus ``run.json``);
+a run whose ``run.json`` exists is not repeated, so an interrupted grid continues where it stopped. Runs
+go to ``jobs`` worker processes (one torch thread each by default), the main slice first.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from brn_cli.errors import BrnError
 from brn_cli.progress import Progress, or_null
+from brn_cli.recipes.reproduce_grid import ARCHS, COMPOSITIONS, Cell, full_grid, quick_grid
+from brn_cli.recipes.reproduce_report import run_key, write_report
+from brn_cli.recipes.reproduce_runs import CURVE_POINTS, METHODS, Job, init_checkpoint, run_job
 
-__all__ = ["METHODS", "SETTINGS", "ReproduceConfig", "Setting", "aggregate", "run_reproduce", "write_report"]
+__all__ = [
+    "ARCHS",
+    "COMPOSITIONS",
+    "METHODS",
+    "ReproduceConfig",
+    "plan",
+    "run_reproduce",
+    "write_grid_report",
+]
 
-ARCH_SPEC = "brn_cli.samples.models:small_resnet"
-NORMALIZE = "0.1314,0.3087"  # the bundled digits' pixel mean and std (brn_cli.recipes.pretrain)
-METHODS = {"batchnorm": "off", "renorm": "paper-scaled"}
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    batch_size: int
-    sampler: str
-    microbatch: int | None
-    description: str
-    paper: str  # the paper's figures for this setting (Inception-v3, ImageNet, top-1), or why there are none
-    paper_bn: float | None = None
-    paper_brn: float | None = None
-
-
-SETTINGS: dict[str, Setting] = {
-    s.name: s
-    for s in (
-        Setting("iid-32", 32, "iid", None, "i.i.d. batches of 32", "BN 78.3% / BRN 78.5% (130k)", 78.3, 78.5),
-        Setting(
-            "micro-4",
-            32,
-            "iid",
-            4,
-            "batch 32, normalized in microbatches of 4",
-            "BN 74.2% @210k / BRN 76.5% @130k",
-            74.2,
-            76.5,
-        ),
-        Setting("micro-2", 32, "iid", 2, "batch 32, normalized in microbatches of 2", "not in the paper"),
-        Setting(
-            "grouped-2",
-            16,
-            "grouped:2",
-            None,
-            "batch 16 = 8 labels x 2 examples",
-            "BN 67% / BRN 78.5% @120k (16 labels x 2)",
-            67.0,
-            78.5,
-        ),
-        Setting(
-            "grouped-16", 32, "grouped:16", None, "batch 32 = 2 labels x 16 examples", "not in the paper"
-        ),
-    )
-}
+# A step's cost relative to the plain CNN's at batch 32 (measured, one thread): orders the jobs longest first.
+ARCH_COST = {"plain_cnn": 1.0, "small_resnet": 0.9, "separable_cnn": 2.0}
+# A plain-CNN run's wall seconds per step at batch 32, validation and baselines included, one thread (measured
+# with 2 workers on a 2-core AMD EPYC VM: 10-15 s per 800-step run; twice that under other load).
+SECONDS_PER_STEP = 0.017
+QUICK_CURVE_POINTS = 3
+GROUP_ORDER = ("main", "alpha", "arch", "steps", "quick")
 
 
 @dataclass
 class ReproduceConfig:
     output: str = "brn-reproduce"
-    settings: Sequence[str] = tuple(SETTINGS)
-    seeds: Sequence[int] = (0, 1, 2)
-    steps: int = 400
+    quick: bool = False  # a handful of cells of a few steps (seconds), for CI
+    cells: Sequence[str] = ()  # only the cells whose name contains one of these (empty: all)
+    seeds: Sequence[int] | None = None  # None: 0, 1, 2 (quick: 0, 1)
     lr: float = 0.02
-    momentum: float = 0.01  # the paper's alpha: rate of the moving mu and sigma
+    jobs: int = 1  # worker processes; 1 runs in this process
     device: str = "cpu"
-    threads: int | None = 1
+    threads: int | None = 1  # torch threads per run
     force: bool = False
+    command: str | None = None  # the command line, for the report
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_dir(out: Path, setting: str, method: str, seed: int) -> Path:
-    return out / "runs" / setting / method / f"seed{seed}"
+def seeds_of(config: ReproduceConfig) -> list[int]:
+    if config.seeds is None:
+        return [0, 1] if config.quick else [0, 1, 2]
+    return list(config.seeds)
 
 
-def _init_checkpoint(out: Path, seed: int) -> Path:
-    """A randomly initialised BatchNorm small_resnet (seeded): every setting and method starts from it."""
+def grid_cells(config: ReproduceConfig) -> list[Cell]:
+    cells = quick_grid() if config.quick else full_grid()
+    if config.cells:
+        cells = [c for c in cells if any(part in c.name for part in config.cells)]
+        if not cells:
+            raise BrnError(f"no cell of the grid matches `cells` {','.join(config.cells)}", param="cells")
+    return cells
+
+
+def plan(config: ReproduceConfig) -> list[Job]:
+    """Every run of the grid, each once (cells share their GroupNorm runs), in the order they run."""
+    out = Path(config.output)
+    jobs: dict[tuple[str, str, int], Job] = {}
+    for cell in grid_cells(config):
+        for seed in seeds_of(config):
+            for method in METHODS:
+                key = run_key(cell, method)
+                jobs.setdefault(
+                    (key, method, seed),
+                    Job(
+                        key=key,
+                        method=method,
+                        seed=seed,
+                        lr=config.lr,
+                        cell=dict(cell.__dict__),
+                        run_dir=str(out / "runs" / key / method / f"seed{seed}"),
+                        init=str(out / "init" / f"{cell.arch}-seed{seed}.pt"),
+                        device=config.device,
+                        curve_points=QUICK_CURVE_POINTS if config.quick else CURVE_POINTS,
+                        quick=config.quick,
+                    ),
+                )
+    # the main slice first (a grid stopped early has its core), the longest runs of each part first
+    order = {group: i for i, group in enumerate(GROUP_ORDER)}
+    return sorted(jobs.values(), key=lambda j: (order[j["cell"]["group"]], -_cost(j)))
+
+
+def plan_summary(config: ReproduceConfig) -> dict[str, Any]:
+    """What a call would do: the cells by group, the runs planned, finished and to do, and an estimate of
+    the wall time of the runs to do (:data:`SECONDS_PER_STEP`, `jobs` processes in parallel)."""
+    _check(config)
+    jobs = plan(config)
+    finished = _finished(config, jobs)
+    todo = [j for j in jobs if j["run_dir"] not in finished]
+    estimate = sum(_cost(j) for j in todo) * SECONDS_PER_STEP / min(config.jobs, max(len(todo), 1))
+    cells = grid_cells(config)
+    lines = [f"{c.group:6s} {c.name}" for c in cells]
+    lines.append(
+        f"{len(cells)} cells, {len(jobs)} runs ({len(finished)} finished, {len(todo)} to do); "
+        f"about {estimate / 60:.0f} min with {config.jobs} process(es) on an otherwise idle machine"
+    )
+    return {
+        "cells": [c.name for c in cells],
+        "runs": len(jobs),
+        "finished": len(finished),
+        "todo": len(todo),
+        "estimate_seconds": estimate,
+        "lines": lines,
+    }
+
+
+def _cost(job: Job) -> float:
+    cell = Cell(**job["cell"])
+    return ARCH_COST[cell.arch] * cell.steps * cell.batches.batch_size / 32
+
+
+def _finished(config: ReproduceConfig, jobs: list[Job]) -> dict[str, dict[str, Any]]:
+    """The records of the jobs already run (none with `force`), by run folder. Checked before any work: a
+    run made with another learning rate must not be mixed into the report."""
+    finished = {}
+    for job in jobs:
+        marker = job.run_dir / "run.json"
+        if config.force or not marker.is_file():
+            continue
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        if record.get("lr") != config.lr:
+            raise BrnError(
+                f"{marker} was run with lr {record.get('lr')}, not {config.lr}; use another `output` "
+                "folder or `force`"
+            )
+        finished[job["run_dir"]] = record
+    return finished
+
+
+def _check(config: ReproduceConfig) -> None:
+    if not seeds_of(config):
+        raise BrnError("give at least one seed", param="seeds")
+    if not config.lr > 0:
+        raise BrnError(f"`lr` must be > 0, got {config.lr}", param="lr")
+    if config.jobs < 1:
+        raise BrnError(f"`jobs` must be >= 1, got {config.jobs}", param="jobs")
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise BrnError(f"output {out} exists and is not a directory", param="output")
+
+
+def _grid_record(config: ReproduceConfig, jobs: list[Job]) -> dict[str, Any]:
     import torch
 
-    from brn_cli.recipes.pretrain import build_sample_model
-    from brn_cli.storage.atomic import write_atomic
+    from brn_cli._version import __version__
 
-    path = out / "init" / f"seed{seed}.pt"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
-        state = {k: v.detach().cpu() for k, v in build_sample_model("small_resnet").state_dict().items()}
-        write_atomic(path, lambda tmp: torch.save(state, tmp), force=True)
-    return path
-
-
-def _one_run(config: ReproduceConfig, out: Path, setting: Setting, method: str, seed: int) -> dict[str, Any]:
-    from brn_cli.samples import SAMPLE_DATA
-    from brn_cli.storage.atomic import write_atomic
-    from brn_cli.train.finetune import FinetuneConfig, run_finetune
-
-    run_dir = _run_dir(out, setting.name, method, seed)
-    ft = FinetuneConfig(
-        checkpoint=str(_init_checkpoint(out, seed)),
-        arch=ARCH_SPEC,
-        data=str(SAMPLE_DATA),
-        output=str(run_dir),
-        steps=config.steps,
-        batch_size=setting.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-        rmax_schedule=METHODS[method],
-        sampler=setting.sampler,
-        microbatch=setting.microbatch,
-        normalize=NORMALIZE,
-        seed=seed,
-        eval_every=max(config.steps // 10, 1),
-        device=config.device,
-        force=True,
-    )
-    result = run_finetune(ft, progress=None)
-    record = {
-        "setting": setting.name,
-        "method": method,
-        "schedule": METHODS[method],
-        "seed": seed,
-        "steps": result.steps,
+    return {
+        "command": config.command,
+        "quick": config.quick,
+        "cells": [dict(c.__dict__) for c in grid_cells(config)],
+        "seeds": list(seeds_of(config)),
         "lr": config.lr,
-        "momentum": config.momentum,
-        "val_accuracy": result.final.get("val_accuracy"),
-        "val_loss": result.final.get("val_loss"),
-        "train_accuracy": result.final.get("train_accuracy"),
-        "seconds": result.seconds,
-        "device": result.device,
+        "jobs": config.jobs,
+        "threads": config.threads,
+        "runs_total": len(jobs),
+        "torch": str(torch.__version__),
+        "brn": __version__,
     }
-    write_atomic(
-        run_dir / "run.json",
-        lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"),
-        force=True,
-    )
-    return record
 
 
-def collect_runs(out: Path) -> list[dict[str, Any]]:
-    """Every finished run's record (run.json) under out/runs."""
-    records = []
-    for path in sorted((out / "runs").glob("*/*/seed*/run.json")):
+def _worker_init(threads: int | None) -> None:
+    from brn_cli.nn.device import set_threads
+
+    set_threads(threads)
+
+
+def _execute(
+    config: ReproduceConfig, todo: list[Job], done: Callable[[dict[str, Any]], None], progress: Progress
+) -> None:
+    """Run `todo` in this process (jobs = 1) or in `jobs` spawned worker processes; `done` hears each record."""
+    if config.jobs == 1 or len(todo) <= 1:
+        _worker_init(config.threads)
+        for job in todo:
+            done(run_job(job))
+        return
+    import concurrent.futures as cf
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that has started torch's threads
+    with cf.ProcessPoolExecutor(
+        config.jobs, mp_context=context, initializer=_worker_init, initargs=(config.threads,)
+    ) as pool:
+        pending = [pool.submit(run_job, job) for job in todo]
         try:
-            records.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return records
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return mean, std
-
-
-def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (setting, method): mean and sample std of the final inference accuracy over seeds (in %)."""
-    rows = []
-    for name, setting in SETTINGS.items():
-        row: dict[str, Any] = {"setting": name, "description": setting.description, "paper": setting.paper}
-        found = False
-        for method in METHODS:
-            accs = [
-                100 * r["val_accuracy"]
-                for r in records
-                if r["setting"] == name and r["method"] == method and r.get("val_accuracy") is not None
-            ]
-            if accs:
-                found = True
-                mean, std = _mean_std(accs)
-                row[method] = {"mean": mean, "std": std, "n": len(accs), "values": accs}
-            else:
-                row[method] = None
-        if found:
-            if row["batchnorm"] and row["renorm"]:
-                row["difference"] = row["renorm"]["mean"] - row["batchnorm"]["mean"]
-            rows.append(row)
-    return rows
-
-
-def _fmt(cell: dict[str, Any] | None) -> str:
-    if not cell:
-        return "-"
-    if math.isnan(cell["std"]):
-        return f"{cell['mean']:.1f}% (n={cell['n']})"
-    return f"{cell['mean']:.1f} ± {cell['std']:.1f}% (n={cell['n']})"
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| setting | batches | batchnorm | renorm | renorm − batchnorm | paper (Inception-v3, ImageNet) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        diff = row.get("difference")
-        lines.append(
-            f"| {row['setting']} | {row['description']} | {_fmt(row['batchnorm'])} | {_fmt(row['renorm'])} | "
-            f"{'-' if diff is None else f'{diff:+.1f} pts'} | {row['paper']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(rows: list[dict[str, Any]], out_png: Path, *, title: str) -> Path:
-    """Bar chart: mean inference accuracy per setting, batchnorm vs renorm, std as error bars, seeds as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from brn_cli.storage.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
-    try:
-        width = 0.38
-        for j, (method, color) in enumerate((("batchnorm", "tab:blue"), ("renorm", "tab:orange"))):
-            for i, row in enumerate(rows):
-                cell = row[method]
-                if not cell:
-                    continue
-                x = i + (j - 0.5) * width
-                std = 0.0 if math.isnan(cell["std"]) else cell["std"]
-                ax.bar(
-                    x,
-                    cell["mean"],
-                    width,
-                    yerr=std,
-                    color=color,
-                    alpha=0.8,
-                    capsize=3,
-                    label=method if i == 0 else None,
-                )
-                ax.plot([x] * len(cell["values"]), cell["values"], "k.", ms=4)
-        ax.set_xticks(range(len(rows)), [r["setting"] for r in rows])
-        lows = [min(r[m]["values"]) for r in rows for m in METHODS if r[m]]
-        ax.set_ylim(max(0.0, min(lows, default=0.0) - 5), 100)
-        ax.set_ylabel("validation accuracy, inference mode (%)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        with atomic_path(out_png, force=True) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return out_png
-
-
-def write_report(out: Path, config: ReproduceConfig | None = None) -> dict[str, Any]:
-    """Rebuild results.json / results.md / results.png from every finished run in `out`."""
-    from brn_cli.storage.atomic import write_atomic
-
-    records = collect_runs(out)
-    if not records:
-        raise BrnError(f"{out}: no finished runs to report")
-    rows = aggregate(records)
-    steps = sorted({r["steps"] for r in records})
-    seeds = sorted({r["seed"] for r in records})
-    summary = {
-        "steps": steps,
-        "seeds": seeds,
-        "config": None
-        if config is None
-        else {**config.__dict__, "settings": list(config.settings), "seeds": list(config.seeds)},
-        "rows": rows,
-        "runs": records,
-    }
-    write_atomic(
-        out / "results.json",
-        lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"),
-        force=True,
-    )
-    table = markdown_table(rows)
-    write_atomic(out / "results.md", lambda tmp: tmp.write_text(table, encoding="utf-8"), force=True)
-    plot_results(
-        rows,
-        out / "results.png",
-        title=f"small ResNet on 4k MNIST digits, {'/'.join(map(str, steps))} steps from scratch, "
-        f"seeds {','.join(map(str, seeds))}",
-    )
-    summary["table"] = table
-    return summary
+            for future in cf.as_completed(pending):
+                done(future.result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
 
 
 def run_reproduce(
@@ -326,71 +231,59 @@ def run_reproduce(
     on_run: Callable[[dict[str, Any], int, int], None] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run every (setting, method, seed) not yet finished in `config.output`, then write the report.
+    """Run every run of the grid not yet finished in `config.output`, then write the report.
 
-    `on_run(record, done, total)` is called after each run (the CLI prints a line); `progress` hears of
-    each run as it starts (info: setting, method, seed) and ends. Returns the report dict of
-    :func:`write_report`.
+    `on_run(record, done, total)` is called after each run (already finished ones first); `progress` hears
+    of each run as it ends. Returns the report dict of :func:`write_grid_report` plus ``seconds`` and
+    ``ran`` (the runs made by this call).
     """
-    from brn_cli.nn.device import set_threads
-
-    _check_config(config)
+    _check(config)
     out = Path(config.output)
-    if out.exists() and not out.is_dir():
-        raise BrnError(f"output {out} exists and is not a directory")
+    jobs = plan(config)
+    finished = _finished(config, jobs)
     out.mkdir(parents=True, exist_ok=True)
-    set_threads(config.threads)
+    grid = _grid_record(config, jobs)
+    _write_grid(out, grid)
+    todo = [j for j in jobs if j["run_dir"] not in finished]
+    for job in todo:
+        init_checkpoint(out, Cell(**job["cell"]).arch, job["seed"])
+    count = {"done": 0}
 
-    jobs = [(s, m, seed) for s in config.settings for seed in config.seeds for m in METHODS]
-    finished = _finished_runs(config, out, jobs)
+    def done(record: dict[str, Any]) -> None:
+        count["done"] += 1
+        progress.update(count["done"], info=f"{record['key']} {record['method']} seed {record['seed']}")
+        if on_run is not None:
+            on_run(record, count["done"], len(jobs))
+
     progress = or_null(progress)
     progress.start("reproduce", len(jobs))
     t0 = time.perf_counter()
     try:
-        for done, (name, method, seed) in enumerate(jobs, start=1):
-            record = finished.get((name, method, seed))
-            if record is None:
-                progress.update(done - 1, info=f"{name} {method} seed {seed}")
-                record = _one_run(config, out, SETTINGS[name], method, seed)
-            if on_run is not None:
-                on_run(record, done, len(jobs))
-            progress.update(done)
+        for record in finished.values():
+            done(record)
+        _execute(config, todo, done, progress)
     finally:
         progress.stop()
-    report = write_report(out, config)
-    report["seconds"] = time.perf_counter() - t0
+    report = write_grid_report(out)
+    report.update(seconds=time.perf_counter() - t0, ran=len(todo))
     return report
 
 
-def _check_config(config: ReproduceConfig) -> None:
-    unknown = [s for s in config.settings if s not in SETTINGS]
-    if unknown:
-        raise BrnError(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
-    if not config.seeds:
-        raise BrnError("give at least one seed")
-    if config.steps < 1:
-        raise BrnError(f"`steps` must be >= 1, got {config.steps}")
-    if not config.lr > 0:
-        raise BrnError(f"`lr` must be > 0, got {config.lr}")
-    if not 0 < config.momentum <= 1:
-        raise BrnError(f"`momentum` must be in (0, 1], got {config.momentum}")
+def _write_grid(out: Path, grid: dict[str, Any]) -> None:
+    from brn_cli.storage.atomic import write_atomic
+
+    text = json.dumps(grid, indent=2) + "\n"
+    write_atomic(out / "grid.json", lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)
 
 
-def _finished_runs(
-    config: ReproduceConfig, out: Path, jobs: list[tuple[str, str, int]]
-) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """The records of the jobs already run in `out` (none with `config.force`). Checked before any work:
-    runs of another length, rate or momentum must not be mixed into one report."""
-    finished: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for name, method, seed in jobs:
-        marker = _run_dir(out, name, method, seed) / "run.json"
-        if marker.is_file() and not config.force:
-            record = json.loads(marker.read_text(encoding="utf-8"))
-            ran = (record.get("steps"), record.get("lr", config.lr), record.get("momentum", config.momentum))
-            if ran != (config.steps, config.lr, config.momentum):
-                raise BrnError(
-                    f"{marker} was run with steps/lr/momentum {ran}, not "
-                    f"{(config.steps, config.lr, config.momentum)}; use another `output` folder or `force=True`"
-                )
-            finished[(name, method, seed)] = record
-    return finished
+def write_grid_report(out: Path) -> dict[str, Any]:
+    """Rebuild the report of `out` from its grid.json (the last call's grid) and every finished run."""
+    path = out / "grid.json"
+    try:
+        grid = json.loads(path.read_text(encoding="utf-8"))
+        cells = [Cell(**c) for c in grid["cells"]]
+    except FileNotFoundError:
+        raise BrnError(f"{out}: no grid.json, so no `brn reproduce` ran there") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BrnError(f"{path}: not a grid record of `brn reproduce` ({exc})") from None
+    return write_report(out, cells, grid)

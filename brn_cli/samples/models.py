@@ -9,10 +9,15 @@ data-dependent Python control flow, so ``brn_cli.deploy.graph.find_fold_sites`` 
 Together they cover the layer pairs that conversion and folding must handle:
 
 * ``small_resnet``: Conv -> BN (bias-free convs), residual adds, a 1x1 projection shortcut with its own BN;
+* ``plain_cnn``: three Conv -> BN -> ReLU layers with max pooling between, nothing else (no shortcut);
 * ``separable_cnn``: depthwise Conv (groups = channels) -> BN and pointwise 1x1 Conv -> BN;
 * ``encoder_decoder``: strided Conv encoder, ConvTranspose decoder -> BN, one of them grouped (groups > 1,
   where PyTorch's own fuse helper is wrong) and with a bias;
 * ``mlp``: Linear -> BatchNorm1d over the Linear's output features.
+
+``small_unet`` is the dense-prediction sample: a fully convolutional UNet mapping ``[N, C, H, W]`` to per-pixel
+class scores ``[N, num_classes, H, W]`` (H and W divisible by 4). It is listed in ``DENSE_ARCHS``, not in
+``SAMPLE_ARCHS`` (the classifiers); ``ALL_ARCHS`` holds both, the samples brn builds from a recorded spec.
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["SAMPLE_ARCHS", "encoder_decoder", "mlp", "separable_cnn", "small_resnet"]
+__all__ = [
+    "ALL_ARCHS",
+    "DENSE_ARCHS",
+    "SAMPLE_ARCHS",
+    "encoder_decoder",
+    "mlp",
+    "plain_cnn",
+    "separable_cnn",
+    "small_resnet",
+    "small_unet",
+]
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -85,6 +100,22 @@ class SmallResNet(nn.Module):
 def small_resnet(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
     """A ResNet-style CNN with BatchNorm2d after every conv (including the projection shortcuts)."""
     return SmallResNet(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def plain_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
+    """Three Conv -> BN -> ReLU layers (width, 2*width, 4*width; 2x2 max pooling after the first two), global
+    average pooling and a linear classifier: a plain BatchNorm CNN without shortcuts (about 25 k parameters
+    at width 16)."""
+    return nn.Sequential(
+        _conv_bn_relu(in_channels, width),
+        nn.MaxPool2d(2),
+        _conv_bn_relu(width, 2 * width),
+        nn.MaxPool2d(2),
+        _conv_bn_relu(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(4 * width, num_classes),
+    )
 
 
 class SeparableBlock(nn.Module):
@@ -169,8 +200,55 @@ def mlp(num_classes: int = 10, in_channels: int = 1, width: int = 128, image_siz
 
 SAMPLE_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "small_resnet": small_resnet,
+    "plain_cnn": plain_cnn,
     "separable_cnn": separable_cnn,
     "encoder_decoder": encoder_decoder,
     "mlp": mlp,
 }
 """Name -> factory; the arch spec for name N is ``brn_cli.samples.models:N``."""
+
+
+class SmallUNet(nn.Module):
+    """A two-level UNet: (conv-BN-ReLU) x 2 at H, H/2 and H/4, ConvTranspose2d -> BN up-sampling, skip
+    connections by concatenation, a 1x1 conv head. Fully convolutional: any H and W divisible by 4
+    (the down-sampling factor). Output: per-pixel class scores [N, num_classes, H, W]. With width=16 it
+    has about 106 k parameters; every BatchNorm follows a conv or a transposed conv (all foldable)."""
+
+    def __init__(self, num_classes: int = 11, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.enc1 = nn.Sequential(_conv_bn_relu(in_channels, w), _conv_bn_relu(w, w))
+        self.enc2 = nn.Sequential(_conv_bn_relu(w, 2 * w, stride=2), _conv_bn_relu(2 * w, 2 * w))
+        self.bottom = nn.Sequential(_conv_bn_relu(2 * w, 4 * w, stride=2), _conv_bn_relu(4 * w, 4 * w))
+        self.up2 = _up_bn_relu(4 * w, 2 * w)
+        self.dec2 = _conv_bn_relu(4 * w, 2 * w)
+        self.up1 = _up_bn_relu(2 * w, w)
+        self.dec1 = _conv_bn_relu(2 * w, w)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s1 = self.enc1(x)
+        s2 = self.enc2(s1)
+        z = self.bottom(s2)
+        z = self.dec2(torch.cat([self.up2(z), s2], 1))
+        z = self.dec1(torch.cat([self.up1(z), s1], 1))
+        return self.head(z)
+
+
+def _up_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    # kernel 2, stride 2: exactly doubles H and W, so the skip connections line up at every size divisible by 4.
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+def small_unet(num_classes: int = 11, in_channels: int = 1, width: int = 16) -> nn.Module:
+    """A small UNet with BatchNorm2d after every conv: [N, C, H, W] -> [N, num_classes, H, W] (H, W % 4 == 0)."""
+    return SmallUNet(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+DENSE_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_unet": small_unet}
+"""Name -> factory of the dense-prediction samples (per-pixel class scores)."""
+
+ALL_ARCHS: dict[str, Callable[..., nn.Module]] = {**SAMPLE_ARCHS, **DENSE_ARCHS}
+"""Every sample brn builds from an arch spec ``brn_cli.samples.models:NAME``, classifiers and dense ones."""

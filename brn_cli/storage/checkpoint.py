@@ -21,6 +21,7 @@ The brn checkpoint is a dict of tensors and primitive types only (loads with wei
      "input_shape": [N, C, ...] | None,
      "provenance": {"source_sha256", "source_name", "brn_version", "torch_version", "created", "command"},
      "preprocessing": {"normalize": "MEAN,STD"} | absent,  # how inputs were prepared in fine-tuning
+     "task": {"name": "segmentation", "ignore_index": 255} | absent,  # what finetune trained it for
      "training": {...} | absent}               # written by finetune: optimizer, schedule, RNG, step
 """
 
@@ -80,6 +81,8 @@ class LoadedCheckpoint:
     # How inputs were prepared when the weights were trained ({"normalize": "MEAN,STD"}), so that
     # evaluate / calibrate feed the model what it was trained on without being told again.
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    # The task it was fine-tuned for ({"name": "segmentation", "ignore_index": 255}): plain data only.
+    task: dict[str, Any] = field(default_factory=dict)
     state_key: str | None = None  # where the state_dict was nested, if it was
     sha256: str = ""
 
@@ -98,6 +101,7 @@ class LoadedCheckpoint:
             "source_sha256": self.sha256,
             "source_name": self.path.name,
             "preprocessing": dict(self.preprocessing) or None,
+            "task": dict(self.task) or None,
         }
 
 
@@ -244,9 +248,9 @@ def is_known_builder(spec: str) -> bool:
     if source == "timm":
         return name in _timm_names()
     if source == SAMPLES_MODULE:
-        from brn_cli.samples.models import SAMPLE_ARCHS
+        from brn_cli.samples.models import ALL_ARCHS
 
-        return name in SAMPLE_ARCHS
+        return name in ALL_ARCHS
     return False
 
 
@@ -301,9 +305,9 @@ def _build_known(spec: str, kwargs: dict[str, Any]) -> nn.Module | None:
             return None
         return timm.create_model(name, **{**kwargs, "pretrained": False})
     if source == SAMPLES_MODULE:
-        from brn_cli.samples.models import SAMPLE_ARCHS
+        from brn_cli.samples.models import ALL_ARCHS
 
-        factory = SAMPLE_ARCHS.get(name)
+        factory = ALL_ARCHS.get(name)
         return None if factory is None else factory(**kwargs)
     return None
 
@@ -824,6 +828,7 @@ def _load_brn(path: Path, obj: Mapping, digest: str, arch: str | None, arch_kwar
         provenance=_recorded_mapping(path, obj, "provenance"),
         training=obj.get("training"),
         preprocessing=_recorded_mapping(path, obj, "preprocessing"),
+        task=_recorded_mapping(path, obj, "task"),
         sha256=digest,
     )
 
@@ -844,6 +849,7 @@ def make_brn_checkpoint(
     command: str = "convert",
     training: dict[str, Any] | None = None,
     preprocessing: dict[str, Any] | None = None,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The brn checkpoint dict for `model` (tensors and primitive types only)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -867,6 +873,8 @@ def make_brn_checkpoint(
         ckpt["training"] = training
     if preprocessing:
         ckpt["preprocessing"] = dict(preprocessing)
+    if task:
+        ckpt["task"] = dict(task)
     return ckpt
 
 

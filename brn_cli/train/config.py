@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from brn_cli.errors import BrnError
+from brn_cli.tasks import DEFAULT_IGNORE_INDEX, EMBEDDING_LOSSES, TASKS, parse_recall_k
 
 __all__ = [
     "AMP_MODES",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adamw", "rmsprop")
-LR_SCHEDULES = ("cosine", "linear", "constant")
+LR_SCHEDULES = ("cosine", "linear", "constant", "step")
 AMP_MODES = ("off", "bf16", "fp16")
 AUGMENTS = ("none", "flip", "crop-flip")
 PRESET_SCHEDULES = ("paper", "paper-scaled", "off")
@@ -91,7 +92,12 @@ class FinetuneConfig:
     lr: float = option(0.01, "Peak learning rate.", above=0, finite=True)
     optimizer: str = option("sgd", "sgd (Nesterov 0.9), adamw or rmsprop.", choices=OPTIMIZERS)
     weight_decay: float = option(0.0, "Decoupled for adamw; not applied to biases/norms.", minimum=0)
-    lr_schedule: str = option("cosine", "cosine, linear or constant (after warm-up).", choices=LR_SCHEDULES)
+    lr_schedule: str = option(
+        "cosine",
+        "cosine, linear, constant or step (x0.94 at 81 even steps: Inception-v3's decay scaled to the run), "
+        "after warm-up.",
+        choices=LR_SCHEDULES,
+    )
     warmup_steps: int = option(0, "Linear LR warm-up steps.", minimum=0)
     momentum: float = option(0.01, "Rate of the moving mu/sigma (the paper's alpha).")
     rmax_schedule: str = option(
@@ -125,6 +131,28 @@ class FinetuneConfig:
         "Training images: none, flip, or crop-flip (random resized crop, then flip). Seeded per "
         "example and epoch, so resume and workers do not change it.",
     )
+    task: str = option(
+        "classification",
+        "classification (labels), segmentation (class-map masks [H, W]) or embedding (metric learning: "
+        "embeddings [N, D], labels).",
+        choices=TASKS,
+    )
+    loss: str | None = option(
+        None, "package.module:callable(output, target) -> scalar tensor: the loss instead of the task's."
+    )
+    metric: str | None = option(
+        None, "package.module:callable(output, target) -> number or dict: the metric instead of the task's."
+    )
+    ignore_index: int = option(
+        DEFAULT_IGNORE_INDEX, "Segmentation: the mask value of unlabelled pixels.", minimum=0
+    )
+    embedding_loss: str = option(
+        "triplet", "Embedding: triplet (batch-hard) or contrastive.", choices=EMBEDDING_LOSSES
+    )
+    margin: float | None = option(
+        None, "Embedding loss margin (default 0.2 for triplet, 0.5 for contrastive).", above=0
+    )
+    recall_k: str = option("1,5", "Embedding: the k of recall@k on the validation set.")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     amp: str = option(
         "off", "off, bf16 or fp16 (fp16: with a GradScaler; meant for GPUs).", choices=AMP_MODES
@@ -200,6 +228,7 @@ def validate(config: FinetuneConfig) -> None:
             f"microbatch {config.microbatch} does not divide `batch_size` {config.batch_size}",
             param="microbatch",
         )
+    _validate_task(config)
     from brn_cli.train.distributed import parse_stats_sync
 
     parse_stats_sync(config.stats_sync)
@@ -211,6 +240,38 @@ def validate(config: FinetuneConfig) -> None:
             f"rmax_schedule {config.rmax_schedule!r} is not a preset, so give `dmax_schedule` as well",
             param="rmax_schedule",
         )
+
+
+def _validate_task(config: FinetuneConfig) -> None:
+    """The task's options: recall_k's syntax; a triplet loss needs batches with several examples per label."""
+    parse_recall_k(config.recall_k)
+    triplets = config.task == "embedding" and config.embedding_loss == "triplet" and config.loss is None
+    if triplets and not config.sampler.strip().lower().startswith("grouped:"):
+        raise BrnError(
+            f"the triplet loss needs several examples of a label in every batch: pass `sampler=grouped:K` "
+            f"(batch/K labels, K examples each), not {config.sampler!r}",
+            param="sampler",
+        )
+
+
+def task_options(config: FinetuneConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`brn_cli.tasks.make_task` for this run."""
+    return {
+        "name": config.task,
+        "loss": config.loss,
+        "metric": config.metric,
+        "ignore_index": config.ignore_index,
+        "margin": config.margin,
+        "embedding_loss": config.embedding_loss,
+        "recall_k": config.recall_k,
+    }
+
+
+def task_data_options(config: FinetuneConfig) -> dict[str, Any]:
+    """What load_data needs to know of the task (targets that are not one label per example)."""
+    if config.task == "classification":
+        return {}
+    return {"task": config.task, "ignore_index": config.ignore_index}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,4 +389,12 @@ def _resume_specs(config: FinetuneConfig, recorded: dict[str, Any], last: Path) 
         specs["arch_kwargs"] = kwargs or None
     if not config.data:
         specs["data"] = check_recorded_data(recorded.get("data"), path=last)
+    for name in ("loss", "metric"):  # code named in the file: imported only when named again
+        if recorded.get(name) and getattr(config, name) != recorded[name]:
+            raise BrnError(
+                f"the run in {config.resume} used its own {name} {recorded[name]}; name it again "
+                f"(`{name}`) to resume (brn imports no code named only in a file)",
+                param=name,
+            )
+        specs[name] = getattr(config, name)
     return specs

@@ -46,6 +46,7 @@ from typing import Any
 from brn_cli.errors import BrnError
 from brn_cli.progress import Progress, or_null
 from brn_cli.storage.atomic import folder_lock
+from brn_cli.tasks import Classification, make_task
 from brn_cli.train.build import (
     Runtime,
     StopRequest,
@@ -56,7 +57,14 @@ from brn_cli.train.build import (
     make_val_loader,
     read_resume_state,
 )
-from brn_cli.train.config import FinetuneConfig, data_options, per_process_batch, validate
+from brn_cli.train.config import (
+    FinetuneConfig,
+    data_options,
+    per_process_batch,
+    task_data_options,
+    task_options,
+    validate,
+)
 from brn_cli.train.runfolder import (
     BEST,
     CURVES,
@@ -69,7 +77,6 @@ from brn_cli.train.runfolder import (
     truncate_metrics,
 )
 from brn_cli.train.state import LRSchedule, MetricWindow, RngState, TrainState
-from brn_cli.train.tasks import Classification
 
 __all__ = ["FinetuneInterrupted", "FinetuneResult", "Runtime", "Trainer"]
 
@@ -87,6 +94,7 @@ class FinetuneResult:
     device: str = "cpu"
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    metric: str = "accuracy"  # the task's primary validation metric: `val_<metric>` in final and best
 
 
 class FinetuneInterrupted(BrnError):
@@ -98,19 +106,53 @@ class FinetuneInterrupted(BrnError):
         self.signum = int(signum)
 
 
-def progress_line(train: dict[str, Any], val: dict[str, Any]) -> str:
-    """The live status of a run: loss, accuracy, lr, rmax/dmax, clip fractions, validation accuracy."""
+def progress_line(
+    train: dict[str, Any], val: dict[str, Any], metric: str = "accuracy", train_metric: str = ""
+) -> str:
+    """The live status of a run: loss, the training metric, lr, rmax/dmax, clip fractions, validation metric."""
+    train_metric = train_metric or metric
+    short = "acc" if train_metric == "accuracy" else train_metric
     parts = [
         f"loss {train['loss']:.4f}",
-        f"acc {100 * train['accuracy']:.1f}%",
+        f"{short} {100 * train[train_metric]:.1f}%",
         f"lr {train['lr']:.3g}",
         f"rmax {train['rmax']:.3g} dmax {train['dmax']:.3g}",
     ]
     if "r_clip_frac" in train:
         parts.append(f"clip r {100 * train['r_clip_frac']:.0f}% d {100 * train['d_clip_frac']:.0f}%")
     if val:
-        parts.append(f"val {100 * val['val_accuracy']:.1f}%")
+        label = "val" if metric == "accuracy" else f"val {metric}"
+        parts.append(f"{label} {100 * val[f'val_{metric}']:.1f}%")
     return "  ".join(parts)
+
+
+def check_task_on_data(task: Any, model: Any, data: Any, count: int = 2) -> None:
+    """One inference-mode forward of the first `count` training examples: the output and the targets must
+    have the task's shapes, and its loss (a user's own included) and training metric must compute. The
+    model's training flags are left as they were."""
+    import torch
+
+    items = [data.train[i] for i in range(min(count, len(data.train)))]
+    x = torch.stack([torch.as_tensor(item[0], dtype=torch.float32) for item in items])
+    y = torch.stack([torch.as_tensor(item[1]) for item in items])
+    reference = next(iter(model.parameters()), None)
+    if reference is not None:
+        x, y = x.to(reference.device), y.to(reference.device)
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            output = model(x)
+            task.check(output, y, data.num_classes)
+            task.loss(output, y)
+            task.batch_metric(output, y)
+    except BrnError as exc:
+        if not data.source or str(exc).startswith(data.source):
+            raise
+        raise BrnError(f"{data.source}: {exc}", param=exc.param) from None
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
 
 
 def _plot_curves(metrics_path: Path, out_png: Path) -> None:
@@ -127,7 +169,7 @@ def _plot_curves(metrics_path: Path, out_png: Path) -> None:
 
 class Trainer:
     """One fine-tuning run: :meth:`__init__` builds it (settings, data, model, folder, state), :meth:`fit`
-    runs the loop. `task` gives the loss and the metric (default :class:`Classification`); `progress`
+    runs the loop. `task` gives the loss and the metric (default: the config's, :func:`brn_cli.tasks.make_task`); `progress`
     receives the step count and a status line (main process only)."""
 
     def __init__(
@@ -139,10 +181,10 @@ class Trainer:
         progress: Progress | None = None,
     ) -> None:
         self.t_start = time.time()
-        self.task = task if task is not None else Classification()
         self.data_given = bool(config.data)  # on resume: the run's data at a new location
         config, resume_state = read_resume_state(config)
         self.config = self._settings(config, resume_state, held)
+        self.task = task if task is not None else make_task(**task_options(self.config))
         self.progress = or_null(progress if self.runtime.is_main else None)
         self._build_data(resume_state)
         self._build_model(resume_state)
@@ -177,7 +219,9 @@ class Trainer:
         from brn_cli.data.samplers import LabelBatchSampler
 
         config, runtime = self.config, self.runtime
-        self.data = load_data(config.data, seed=config.seed, **data_options(config))
+        self.data = load_data(
+            config.data, seed=config.seed, **data_options(config), **task_data_options(config)
+        )
         self.fingerprint = data_fingerprint(self.data)
         if resume_state is not None:
             check_same_data(
@@ -210,7 +254,9 @@ class Trainer:
         config, runtime = self.config, self.runtime
         source = str(Path(config.resume) / LAST) if resume_state is not None else config.checkpoint
         model, self.loaded, self.n_layers = load_model(config, source)
-        fit_data_to_model(model, self.data)  # channels and classes checked before anything is written
+        # channels, classes and the task's shapes (and a user's loss) checked before anything is written
+        fit_data_to_model(model, self.data, labels=isinstance(self.task, Classification))
+        check_task_on_data(self.task, model, self.data)
         # What every save checks: entries finite now must stay finite (a model may keep, say, a -inf mask).
         self.finite_at_start = set(model.state_dict()) - set(nonfinite_tensors(model))
         model.to(runtime.device)
@@ -366,7 +412,7 @@ class Trainer:
         # renorm.step (updates) advanced inside optimizer.step, unless the scaler skipped it
         state.step += 1
         state.position.advance()
-        state.window.add(loss, self.task.correct(output, y), y.shape[0])
+        state.window.add(loss, *self.task.batch_metric(output, y), examples=y.shape[0])
         self.progress.update(state.step, self.info)
 
     def stop_requested(self, stop: StopRequest) -> bool:
@@ -404,7 +450,7 @@ class Trainer:
             "step": state.step,
             "epoch": state.position.epoch,
             self.task.loss_name: loss,
-            self.task.metric_name: metric,
+            self.task.train_metric_name: metric,
             "lr": self.lr,
             "rmax": rmax,
             "dmax": dmax,
@@ -416,31 +462,30 @@ class Trainer:
 
     def show(self) -> None:
         if self.last_train:
-            self.info = progress_line(self.last_train, self.last_eval)
+            self.info = progress_line(
+                self.last_train, self.last_eval, self.task.metric_name, self.task.train_metric_name
+            )
             self.progress.update(self.state.step, self.info)
 
     def run_eval(self) -> dict[str, Any]:
-        from brn_cli.evaluation.evaluate import evaluate
+        from brn_cli.evaluation.evaluate import evaluate_state
         from brn_cli.train.distributed import average_batchnorm_buffers, stats_sync_suspended
 
-        model, runtime = self.model, self.runtime
+        model, runtime, task = self.model, self.runtime, self.task
         average_batchnorm_buffers(model, runtime.dist)
         with stats_sync_suspended(model):  # shards differ in length: no collective inside a forward
-            result = evaluate(
+            metric_state, _ = evaluate_state(
                 model,
                 self.val_loader,
+                task,
                 device=runtime.device,
                 amp=self.config.amp,
                 channels_last=self.config.channels_last,
             )
         model.train()
-        n = result.examples
-        val_loss, correct, n = runtime.dist.sum([result.loss * n, result.accuracy * n, float(n)])
-        return {
-            "step": self.state.step,
-            "val_loss": val_loss / max(n, 1),
-            "val_accuracy": correct / max(n, 1),
-        }
+        # every rank's state summed (confusion matrices) or gathered (embeddings), then the metrics
+        metrics = task.compute(task.reduce(metric_state, runtime.dist))
+        return {"step": self.state.step, **{f"val_{k}": v for k, v in metrics.items()}}
 
     def validate(self) -> None:
         """Inference-mode validation of this step; a better one becomes best.pt."""
@@ -448,7 +493,8 @@ class Trainer:
         self.last_eval = {"kind": "eval", **self.run_eval()}
         self.files.log(self.last_eval)
         # Every rank decides (the metrics are all-reduced, so identically): save() is collective.
-        if not state.best or self.last_eval["val_accuracy"] > state.best["val_accuracy"]:
+        key = f"val_{self.task.metric_name}"
+        if not state.best or key not in state.best or self.last_eval[key] > state.best[key]:
             state.best = {k: v for k, v in self.last_eval.items() if k != "kind"}
             self.save(BEST)
         self.show()
@@ -493,6 +539,7 @@ class Trainer:
                     "preprocessing": preprocessing_record(
                         config.normalize, config.image_size, config.resize_size
                     ),
+                    "task": self.task.settings(),
                 },
                 training=self.state.state_dict(eval_pending=pending),
             )
@@ -528,14 +575,15 @@ class Trainer:
         return self.result()
 
     def result(self) -> FinetuneResult:
-        state = self.state
+        state, metric, train_metric = self.state, self.task.metric_name, self.task.train_metric_name
         rmax, dmax = state.renorm.values()
         final = {
             "step": state.step,
             "train_loss": self.last_train.get("loss"),
-            "train_accuracy": self.last_train.get("accuracy"),
+            f"train_{train_metric}": self.last_train.get(train_metric),
             "val_loss": self.last_eval.get("val_loss"),
-            "val_accuracy": self.last_eval.get("val_accuracy"),
+            f"val_{metric}": self.last_eval.get(f"val_{metric}"),
+            **{k: v for k, v in self.last_eval.items() if k.startswith("val_") and k != f"val_{metric}"},
             "rmax": rmax,
             "dmax": dmax,
             "skipped_updates": state.step - state.renorm.step,
@@ -551,4 +599,5 @@ class Trainer:
             device=str(self.runtime.device),
             seconds=time.time() - self.t_start,
             files=sorted(p.name for p in self.run_dir.iterdir() if not p.name.startswith(".")),
+            metric=metric,
         )
