@@ -1,4 +1,4 @@
-"""The command lines of README.md and docs/quickstart.md run as written.
+"""The command lines of README.md, docs/quickstart.md and docs/tasks.md run as written.
 
 Every line beginning with `brn ` in a fenced bash/console block is run, in the document's order, in an empty
 folder (each document in its own), through the real entry point `brn_cli.cli.app.main` -- the console script's
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/quickstart.md"]
+DOCS = ["README.md", "docs/quickstart.md", "docs/tasks.md"]
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 
 
