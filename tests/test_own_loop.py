@@ -5,6 +5,7 @@ of README.md's Library section and docs/own-loop.md."""
 from __future__ import annotations
 
 import doctest
+import inspect
 import io
 import re
 import warnings
@@ -362,3 +363,22 @@ def test_readme_library_block_runs_as_written(tmp_path, monkeypatch):
 def test_own_loop_doc_blocks_run_as_written(line, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _run_block(code, f"docs/own-loop.md:{line}")
+
+
+def test_scheduler_warnings_point_at_the_users_optimizer_step():
+    """The scheduler runs from an optimizer hook; its warnings must name the user's line, not brn's or torch's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    brn_cli.convert_batchnorm(model)
+    with torch.no_grad():
+        model[1].running_mean.fill_(50.0)  # far from any batch: the opening warning fires
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    RenormScheduler.from_specs(model, "0:3", "0:5", optimizer=optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(16, 4)).sum().backward()
+        step_line = inspect.currentframe().f_lineno + 1
+        optimizer.step()
+    opening = [w for w in caught if issubclass(w.category, RenormOpeningWarning)]
+    assert len(opening) == 1
+    assert (opening[0].filename, opening[0].lineno) == (__file__, step_line)

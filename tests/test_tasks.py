@@ -383,3 +383,34 @@ def test_resume_imports_a_recorded_loss_only_when_it_is_named_again(tmp_path):
         checkpoint="", data="d.npz", output="", resume=str(tmp_path), loss="user_tasks:doubled"
     )
     assert resumed_config(again, recorded).loss == "user_tasks:doubled"
+
+
+def test_curves_plot_the_tasks_own_metric(tmp_path, monkeypatch):
+    """A segmentation run's curves.png draws pixel accuracy (train) and mean IoU (val), not an empty accuracy."""
+    import json
+
+    from brn_cli.train import curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    records = [
+        {"kind": "train", "step": 1, "loss": 2.0, "pixel_accuracy": 0.5, "rmax": 1, "dmax": 0},
+        {"kind": "eval", "step": 1, "val_loss": 2.1, "val_mean_iou": 0.2},
+        {"kind": "train", "step": 2, "loss": 1.0, "pixel_accuracy": 0.7, "rmax": 1, "dmax": 0},
+        {"kind": "eval", "step": 2, "val_loss": 1.1, "val_mean_iou": 0.4},
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn: dict[str, list[float]] = {}
+    series = curves._series
+
+    def spy(recs, kind, key):
+        xs, ys = series(recs, kind, key)
+        drawn[key] = ys
+        return xs, ys
+
+    monkeypatch.setattr(curves, "_series", spy)
+    out = curves.plot_runs(
+        {"run": metrics}, tmp_path / "c.png", metric="mean_iou", train_metric="pixel_accuracy"
+    )
+    assert out.exists() and out.stat().st_size > 0
+    assert drawn["pixel_accuracy"] == [0.5, 0.7]
+    assert drawn["val_mean_iou"] == [0.2, 0.4]

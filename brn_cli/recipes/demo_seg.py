@@ -204,8 +204,14 @@ def _pretrain(
     bn_path = out / "bn_unet.pt"
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic(bn_path, lambda tmp: torch.save(state, tmp), force=True)
-    note(f"{config.pretrain_steps} steps in {seconds:.1f} s, last batch loss {float(loss):.3f} -> {bn_path}")
-    return {"steps": config.pretrain_steps, "seconds": seconds, "final_batch_loss": float(loss)}, bn_path
+    note(
+        f"{config.pretrain_steps} steps in {seconds:.1f} s, last batch loss {float(loss.detach()):.3f} -> {bn_path}"
+    )
+    return {
+        "steps": config.pretrain_steps,
+        "seconds": seconds,
+        "final_batch_loss": float(loss.detach()),
+    }, bn_path
 
 
 def _convert(

@@ -44,12 +44,18 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[fl
 
 
 def plot_runs(
-    runs: Mapping[str, str | os.PathLike], out_png: str | os.PathLike, *, title: str | None = None
+    runs: Mapping[str, str | os.PathLike],
+    out_png: str | os.PathLike,
+    *,
+    title: str | None = None,
+    metric: str = "accuracy",
+    train_metric: str = "accuracy",
 ) -> Path:
     """Write a 2x2 PNG (matplotlib Agg, atomically) comparing the runs; returns its path.
 
-    Panels: (1) train loss (solid) and validation loss (dashed markers); (2) train accuracy and
-    inference-mode validation accuracy; (3) fraction of r and d clipped, averaged over the renorm layers;
+    Panels: (1) train loss (solid) and validation loss (dashed markers); (2) the task's training metric
+    (`train_metric`, batch statistics) and its inference-mode validation metric (`metric`: accuracy, mean_iou,
+    recall@1, ...); (3) fraction of r and d clipped, averaged over the renorm layers;
     (4) the rmax / dmax limits. Raises ValueError when no run has any record.
     """
     import matplotlib
@@ -70,9 +76,9 @@ def plot_runs(
             c = colors[i % len(colors)]
             ax_loss.plot(*_series(records, "train", "loss"), color=c, label=f"{label} train")
             ax_loss.plot(*_series(records, "eval", "val_loss"), "o--", color=c, ms=3, label=f"{label} val")
-            xs, ys = _series(records, "train", "accuracy")
+            xs, ys = _series(records, "train", train_metric)
             ax_acc.plot(xs, [100 * y for y in ys], color=c, alpha=0.6, label=f"{label} train (batch stats)")
-            xs, ys = _series(records, "eval", "val_accuracy")
+            xs, ys = _series(records, "eval", f"val_{metric}")
             ax_acc.plot(xs, [100 * y for y in ys], "o-", color=c, ms=3, label=f"{label} val (inference)")
             xs, ys = _series(records, "train", "r_clip_frac")
             ax_clip.plot(xs, [100 * y for y in ys], color=c, label=f"{label} r clipped")
@@ -80,14 +86,14 @@ def plot_runs(
             ax_clip.plot(xs, [100 * y for y in ys], ":", color=c, label=f"{label} d clipped")
             ax_lim.plot(*_series(records, "train", "rmax"), color=c, label=f"{label} rmax")
             ax_lim.plot(*_series(records, "train", "dmax"), ":", color=c, label=f"{label} dmax")
-        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.set_ylabel("loss")
         ax_loss.set_yscale("log")
-        ax_acc.set_ylabel("accuracy (%)")
+        ax_acc.set_ylabel(f"{metric} (%)")
         ax_clip.set_ylabel("channels clipped (%)")
         ax_lim.set_ylabel("limit")
         for ax, name in (
             (ax_loss, "loss"),
-            (ax_acc, "accuracy"),
+            (ax_acc, metric if metric == train_metric else f"{train_metric} (train), {metric} (val)"),
             (ax_clip, "r / d clipping"),
             (ax_lim, "rmax / dmax"),
         ):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -366,7 +367,7 @@ class RenormScheduler:
                 f"position (saved without a scheduler attached?): the schedule goes on from step {self.step}, "
                 "not from the saved run's step; pass start_step= when rebuilding the scheduler",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
         if not self._opening_checked and self.values() != (1.0, 0.0):
             self._opening_checked = True
@@ -445,7 +446,7 @@ class RenormScheduler:
             "expect loss spikes; train some steps as BatchNorm first (RenormScheduler.warmup) or "
             "calibrate the statistics (brn_cli.calibrate)",
             RenormOpeningWarning,
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
 
     @classmethod
@@ -538,6 +539,15 @@ class RenormScheduler:
             optimizer=optimizer,
             start_step=start_step,
         )
+
+
+def _user_stacklevel() -> int:
+    """`stacklevel` for a warning raised below here that points at the user's code: the first frame outside
+    brn and torch (the scheduler runs from an optimizer hook, so a fixed level would name torch or brn)."""
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("brn_cli", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _carried_step(optimizer: Any) -> int | None:

@@ -155,11 +155,11 @@ def check_task_on_data(task: Any, model: Any, data: Any, count: int = 2) -> None
             module.train(flag)
 
 
-def _plot_curves(metrics_path: Path, out_png: Path) -> None:
+def _plot_curves(metrics_path: Path, out_png: Path, metric: str, train_metric: str) -> None:
     from brn_cli.train.curves import plot_runs
 
     with contextlib.suppress(ValueError):  # nothing logged yet: no figure
-        plot_runs({"finetune": metrics_path}, out_png)
+        plot_runs({"finetune": metrics_path}, out_png, metric=metric, train_metric=train_metric)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,7 +562,12 @@ class Trainer:
                 self.save(BEST)
             runtime.dist.barrier()  # no rank leaves (and tears down the group) while another still saves
         if runtime.is_main:
-            _plot_curves(self.files.metrics_path, self.run_dir / CURVES)
+            _plot_curves(
+                self.files.metrics_path,
+                self.run_dir / CURVES,
+                self.task.metric_name,
+                self.task.train_metric_name,
+            )
         if runtime.world_size > 1:
             shutdown(runtime.dist)
         if stop.signum is not None and state.step < total:
