@@ -157,6 +157,7 @@ def _load_for_data(
     key: str | None,
     task: str | None,
     task_given: dict,
+    inputs_only: bool = False,
 ):
     """(device, checkpoint, data bundle, preprocessing options, task options) for a command that runs a
     checkpoint on data.
@@ -164,7 +165,7 @@ def _load_for_data(
     The data is prepared as the options say, else as the checkpoint records it was fine-tuned; each setting
     taken from the checkpoint is said on stderr, with the flag that changes it. So is the task (its name and
     plain options, :func:`brn_cli.tasks.make_task`'s keywords); the data is loaded for it (masks for
-    segmentation).
+    segmentation), or with `inputs_only` its inputs alone, whatever the targets hold.
     """
     from brn_cli.data.datasets import load_data
     from brn_cli.data.specs import preprocessing_for
@@ -182,6 +183,8 @@ def _load_for_data(
     data_task = {} if task_options["name"] == "classification" else {"task": task_options["name"]}
     if data_task and "ignore_index" in task_options:
         data_task["ignore_index"] = task_options["ignore_index"]
+    if inputs_only:
+        data_task = {"inputs_only": True}
     bundle = load_data(data, val_split=val_split, seed=seed, channels=channels, **preprocessing, **data_task)
     return dev, ckpt, bundle, preprocessing, task_options
 
@@ -276,8 +279,9 @@ def calibrate_cmd(
         arch_kwargs=arch_kwargs,
         trust_pickle=trust_pickle,
         key=key,
-        task=task,
+        task=task,  # recorded in the new checkpoint; calibration reads the inputs only, whatever the task
         task_given={"ignore_index": ignore_index},
+        inputs_only=True,
     )
     shifts, used = calibrate_data(
         ckpt.model,

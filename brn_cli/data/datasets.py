@@ -349,15 +349,26 @@ def load_data(
     channels: int | None = None,
     task: str = "classification",
     ignore_index: int = 255,
+    inputs_only: bool = False,
 ) -> DataBundle:
     """Load a data spec (see the module docstring) into a :class:`DataBundle`. Bad input -> BrnError.
 
     `channels` (1 or 3) applies to image folders only; None loads RGB until :func:`fit_data_to_model`
     matches the model. `task` "segmentation" reads masks as targets (:mod:`brn_cli.data.segmentation`,
-    with `ignore_index`); "embedding" reads class labels as classification does.
+    with `ignore_index`); "embedding" reads class labels as classification does. `inputs_only` never reads
+    the targets, whatever the task (:mod:`brn_cli.data.inputs`: every target is 0).
     """
     augment = parse_augment(augment)
-    task = check_task(task)
+    if inputs_only and augment != "none":
+        raise BrnError("`augment` applies to training; inputs-only data is never augmented")
+    if inputs_only:
+        from brn_cli.data.inputs import load_inputs, mask_folder_images
+
+        # An ImageFolder's targets are its class folders, always valid: it is read as for classification.
+        if not is_image_folder(spec) or mask_folder_images(spec) is not None:
+            options = {"image_size": image_size, "resize_size": resize_size, "channels": channels}
+            return load_inputs(spec, val_split=val_split, normalize=normalize, seed=seed, **options)
+    task = check_task("classification" if inputs_only else task)
     if task == "segmentation":
         from brn_cli.data.segmentation import load_segmentation
 

@@ -276,7 +276,8 @@ def calibrate_data(
     """Calibrate on `num_batches` i.i.d. batches of a DataBundle's train (or val) split.
 
     Returns (shifts, batches used): when the split holds fewer full batches, all of them are used. The data
-    is first checked against the model (:func:`~brn_cli.data.datasets.fit_data_to_model`; labels are not used here).
+    is first checked against the model (:func:`~brn_cli.data.datasets.fit_data_to_model`). Targets are never used:
+    a bundle of inputs only (``load_data(..., inputs_only=True)``) serves, whatever the task.
     """
     from brn_cli.data.datasets import fit_data_to_model
     from brn_cli.data.samplers import LabelBatchSampler, make_loader
