@@ -42,6 +42,9 @@ OPTIONAL_UNGUARDED = {
     ("brn_cli/data/segmentation.py", "SegmentationFolder._fit", "torchvision"): (
         "a SegmentationFolder exists only after _folder_parts' guarded torchvision import"
     ),
+    ("brn_cli/data/inputs.py", "ImageFiles.__getitem__", "torchvision"): (
+        "ImageFiles are built only by inputs._folder_inputs, after its guarded import of torchvision"
+    ),
     ("brn_cli/data/datasets.py", "_image_folder", "torchvision"): (
         "_image_folder runs only from _load_image_folder, after its guarded import of torchvision.transforms"
     ),

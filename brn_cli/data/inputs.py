@@ -192,6 +192,10 @@ def _folder_inputs(
 ) -> tuple[Dataset, Dataset | None, ImageReader]:
     from brn_cli.data.segmentation import IMAGE_SUFFIXES, _image_files
 
+    try:
+        import torchvision  # noqa: F401  # ImageFiles decodes and resizes with it
+    except ImportError:
+        raise BrnError("a folder of images needs torchvision installed") from None
     reader = ImageReader(channels)
     _check_normalize_channels(norm, reader.channels)
     reader.normalize = norm
