@@ -1,4 +1,5 @@
-"""End to end on the bundled digits: `brn finetune --task segmentation` at batch 2 learns the dense task."""
+"""End to end on the bundled digits: `brn finetune --task segmentation` at batch 2 learns the dense task, and
+`--task embedding` with grouped (P x K) batches learns a metric embedding."""
 
 from __future__ import annotations
 
@@ -61,3 +62,35 @@ def test_segmentation_finetune_at_batch_2_reaches_mean_iou_well_above_chance(tmp
     assert final["renorm_layers"] == 10 and final["rmax"] > 1, final
     assert final["val_mean_iou"] >= 2 * chance_iou, (chance_iou, final)
     assert final["val_pixel_accuracy"] > background_accuracy, (background_accuracy, final)
+
+
+@pytest.mark.slow
+@pytest.mark.science
+def test_embedding_finetune_with_grouped_batches_reaches_recall_at_1(tmp_path, run_cli, one_thread):
+    """A randomly initialised BatchNorm small ResNet with a 32-d output, fine-tuned by `brn finetune --task
+    embedding` (batch-hard triplet loss, Batch Renorm with the default schedule) on P x K batches (4 labels x 8,
+    `grouped:8`) for 200 steps. Validation recall@1 (cosine nearest neighbour among the 1,000 validation digits,
+    inference mode) must reach 0.6 and beat the untrained network's by 0.2.
+
+    Measured (one thread, busy 2-core machine): untrained 0.40; after fine-tuning 0.710 / 0.737 / 0.682 for
+    seeds 0 / 1 / 2 (recall@5 0.92 / 0.925 / 0.902); about 8 s a run. The test runs seed 0.
+    """
+    import torch
+
+    from brn_cli.samples.models import small_resnet
+
+    res = run_cli("sample-data", "-o", tmp_path / "digits.npz")
+    assert res.code == 0, res.err
+    torch.manual_seed(0)
+    torch.save(small_resnet(num_classes=32).state_dict(), tmp_path / "emb_bn.pt")
+    common = ["--arch", "brn_cli.samples.models:small_resnet", "--arch-kwargs", json.dumps({"num_classes": 32}),
+              "--data", tmp_path / "digits.npz", "--task", "embedding", "--normalize", NORMALIZE, "--json"]  # fmt: skip
+    res = run_cli("evaluate", tmp_path / "emb_bn.pt", *common)
+    assert res.code == 0, res.err
+    untrained = json.loads(res.out)["inference"]["metrics"]["recall@1"]
+    res = run_cli("finetune", tmp_path / "emb_bn.pt", *common, "--batch-size", "32", "--sampler", "grouped:8",
+                  "--steps", "200", "--seed", "0", "-o", tmp_path / "run")  # fmt: skip
+    assert res.code == 0, res.err
+    final = json.loads(res.out)["final"]
+    assert final["renorm_layers"] > 0 and final["rmax"] > 1, final
+    assert final["val_recall@1"] >= 0.6 and final["val_recall@1"] >= untrained + 0.2, (untrained, final)
