@@ -112,3 +112,14 @@ def test_onnx_verification_uses_the_cuda_provider_when_it_works(tmp_path):
     report = export_onnx_checked(model, [2, 3, 16, 16], tmp_path / "m.onnx")
     assert report.verify.passed
     assert any(check.provider == "CUDAExecutionProvider" for check in report.verify.checks)
+
+
+def test_cuda_bench_times_with_cuda_events():
+    """On a GPU each timed call is bracketed by CUDA events: a kernel that sleeps on the device for
+    ~2 ms reads as at least that long, although its launch returns to the host at once."""
+    from brn_cli.recipes.bench import interleaved_times
+
+    dev = torch.device("cuda")
+    cycles = int(torch.cuda.get_device_properties(dev).clock_rate * 1000 * 0.002)  # ~2 ms of GPU clock
+    times = interleaved_times({"sleep": lambda: torch.cuda._sleep(cycles)}, reps=3, warmup=1, device=dev)
+    assert min(times["sleep"]) > 0.001

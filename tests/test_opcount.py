@@ -78,3 +78,64 @@ def test_bench_reports_op_counts_for_fp32_and_autocast_activations():
         assert r["renorm"][0] == sum(r["renorm_forward_ops"].values())
     table = benchmarks_markdown({"machine": machine_info(), "device": "cpu", "ops": rows})
     assert f"| {rows[0]['batchnorm'][0]} / {rows[0]['batchnorm'][1]} | {rows[0]['renorm'][0]} / " in table
+
+
+# Compiled steps: what one torch.compile'd training step launches (generated kernels + operations that still
+# reach the dispatcher, an opaque custom op counted as the operations it runs). Target for the fused paths:
+# at most 3 launches above compiled BatchNorm in the forward and 1 in the backward.
+COMPILED_FORWARD_EXTRA = 3
+COMPILED_BACKWARD_EXTRA = 1
+
+
+@pytest.mark.slow
+def test_compiled_step_is_within_target_of_compiled_batchnorm():
+    from brn_cli.nn.opcount import count_compiled_renorm_vs_batchnorm
+
+    counts = count_compiled_renorm_vs_batchnorm((8, 16, 14, 14))
+    bn, brn = counts["batchnorm"], counts["renorm"]
+    assert bn.forward_kernels >= 1 and bn.backward_kernels >= 1
+    assert brn.forward <= bn.forward + COMPILED_FORWARD_EXTRA, brn
+    assert brn.backward <= bn.backward + COMPILED_BACKWARD_EXTRA, brn
+    # The one opaque op copies the moving averages (r and d are computed from the copy); its inside is counted.
+    assert brn.forward_opaque == {"brn.running_snapshot": 1} and brn.forward_ops == {"aten.stack": 1}
+    assert not brn.backward_opaque and brn.backward_ops == bn.backward_ops
+
+
+@pytest.mark.slow
+def test_compiled_counter_sees_generated_kernels_and_dispatched_operations():
+    """x * 2 + 1 compiles to one fused kernel; an op inductor leaves to the dispatcher (mm) is counted as
+    dispatched; a custom op is counted as the operations its body runs."""
+    from brn_cli.nn.opcount import count_compiled_step
+
+    class Affine(nn.Module):
+        def forward(self, x):
+            return x * 2.0 + 1.0
+
+    class MatMul(nn.Module):
+        def forward(self, x):
+            return torch.ops.brn.running_snapshot(x.detach(), x.detach()).sum(0) @ x.t() @ x
+
+    affine = count_compiled_step(Affine(), torch.randn(3, 4))
+    assert (affine.forward_kernels, affine.forward_ops) == (1, {})
+    matmul = count_compiled_step(MatMul(), torch.randn(3, 4))
+    assert matmul.forward_opaque == {"brn.running_snapshot": 1}
+    assert matmul.forward_ops["aten.stack"] == 1 and matmul.forward_ops.get("aten.mm", 0) >= 1
+
+
+@pytest.mark.slow
+def test_bench_compiled_reports_times_and_launches():
+    from brn_cli.recipes.bench import benchmarks_markdown, machine_info, run_benchmarks
+
+    results = run_benchmarks(["compiled"], quick=True)
+    (row,) = results["compiled"]["layers"]
+    bn, brn = row["launches"]["batchnorm"], row["launches"]["renorm"]
+    assert row["ms"]["batchnorm"] > 0 and row["ms"]["renorm"] > 0 and row["ratio"] > 0
+    assert brn["forward"] <= bn["forward"] + COMPILED_FORWARD_EXTRA
+    assert brn["backward"] <= bn["backward"] + COMPILED_BACKWARD_EXTRA
+    (crossq,) = results["compiled"]["crossq"]
+    assert crossq["compiled"] and crossq["ms"]["renorm"] > 0
+    table = benchmarks_markdown({**results, "machine": machine_info()})
+    assert f"| 16x32 (cpu, {row['threads']} thread" in table
+    assert f"| {bn['forward']} / {bn['backward']} | {brn['forward']} / {brn['backward']} | " in table
+    assert "(opaque: brn.running_snapshot x1, counted as the operations it runs)" in table
+    assert "thread, compiled) |" in table or "threads, compiled) |" in table

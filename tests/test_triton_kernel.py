@@ -6,6 +6,7 @@ the same kernel code with numpy, so every comparison below exercises the kernel 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -88,62 +89,90 @@ def test_kernel_without_affine_and_with_nan_or_inf_statistics(fused_on_cpu):
     torch.testing.assert_close(b, d, rtol=0, atol=0, equal_nan=True)
 
 
+LIMITS_PER_STEP = [(1.5, 0.5), (3.0, 5.0), (1.0, 0.0)]
+
+
+def _train_step(layer, shape, dtype, step, channels_last=False, device="cpu"):
+    """Output, input and parameter gradients, moving averages and telemetry of training step `step`."""
+    layer.rmax, layer.dmax = LIMITS_PER_STEP[step]
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    gen = torch.Generator().manual_seed(step)
+    x = (torch.randn(*shape, generator=gen) * 2 + 1).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = layer(x)
+    dy = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, (x, *params), dy)
+    return (y.detach(), *grads, layer.running_mean.clone(), layer.running_var.clone(), layer.telemetry)
+
+
 def _train_three_steps(layer, shape, dtype, channels_last=False, device="cpu"):
-    outs = []
-    for step, (rmax, dmax) in enumerate([(1.5, 0.5), (3.0, 5.0), (1.0, 0.0)]):
-        layer.rmax, layer.dmax = rmax, dmax
-        gen = torch.Generator().manual_seed(step)
-        x = (torch.randn(*shape, generator=gen) * 2 + 1).to(device=device, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        y = layer(x)
-        dy = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-        grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), dy)
-        outs.append(
-            (y.detach(), *grads, layer.running_mean.clone(), layer.running_var.clone(), layer.telemetry)
-        )
-    return outs
+    return [_train_step(layer, shape, dtype, step, channels_last, device) for step in range(3)]
 
 
-def _layer_pair(cls, c, dtype=torch.float32):
-    eager = cls(c, momentum=0.2).to(dtype)
+def _layer_pair(cls, c, dtype=torch.float32, affine=True):
+    eager = cls(c, momentum=0.2, affine=affine).to(dtype)
     with torch.no_grad():
-        eager.weight.uniform_(0.5, 2.0)
-        eager.bias.normal_()
+        if affine:
+            eager.weight.uniform_(0.5, 2.0)
+            eager.bias.normal_()
         eager.running_mean.normal_()
         eager.running_var.uniform_(0.2, 3.0)
-    fused = cls(c, momentum=0.2).to(dtype)
+    fused = cls(c, momentum=0.2, affine=affine).to(dtype)
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype", "channels_last"),
-    [
-        ((64, 24), torch.float32, False),
-        ((6, 8, 5, 5), torch.float32, False),
-        ((6, 8, 5, 5), torch.float32, True),
-        ((6, 8, 5, 5), torch.bfloat16, False),
-        ((64, 24), torch.float16, False),
-    ],
-)
-def test_layer_with_the_kernel_matches_the_eager_layer(monkeypatch, shape, dtype, channels_last):
+def _tolerance(dtype):
+    """fp32 values: as close as two fp32 computations in a different order; values that went through a
+    half-precision dtype: one rounding apart (Triton's interpreter may round a conversion the other way)."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-5}
+    ulp = torch.finfo(dtype).eps
+    return {"rtol": ulp, "atol": ulp}
+
+
+# (input shape, input dtype, channels last, layer dtype, affine): low-precision activations into an fp32
+# layer (autocast), a module converted as a whole, and layers without gamma and beta.
+LAYER_CASES = [
+    ((64, 24), torch.float32, False, torch.float32, True),
+    ((6, 8, 5, 5), torch.float32, False, torch.float32, True),
+    ((6, 8, 5, 5), torch.float32, True, torch.float32, True),
+    ((6, 8, 5, 5), torch.bfloat16, False, torch.float32, True),
+    ((64, 24), torch.float16, False, torch.float32, True),
+    ((6, 8, 5, 5), torch.bfloat16, True, torch.bfloat16, True),
+    ((64, 24), torch.float16, False, torch.float16, True),
+    ((6, 8, 5, 5), torch.float32, True, torch.float32, False),
+    ((64, 24), torch.bfloat16, False, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last", "layer_dtype", "affine"), LAYER_CASES)
+def test_layer_with_the_kernel_matches_the_eager_layer(
+    monkeypatch, shape, dtype, channels_last, layer_dtype, affine
+):
+    """Outputs, input and parameter gradients, moving averages and telemetry, step by step."""
     cls = BatchRenorm1d if len(shape) == 2 else BatchRenorm2d
-    eager, fused = _layer_pair(cls, shape[1])
-    expected = _train_three_steps(eager, shape, dtype, channels_last)
+    eager, fused = _layer_pair(cls, shape[1], layer_dtype, affine)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(layer_mod, "_FUSED_DEVICE_TYPES", frozenset({"cpu"}))
-    assert fused._fused_step_applies(torch.zeros(shape, dtype=dtype))
-    got = _train_three_steps(fused, shape, dtype, channels_last)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for step_expected, step_got in zip(expected, got, strict=True):
-        for a, b in zip(step_expected, step_got, strict=True):
-            torch.testing.assert_close(b, a, **tol)
+    # A converted module keeps its buffers (running stats, telemetry rows) in its own dtype.
+    tol = _tolerance if layer_dtype == torch.float32 else lambda _: _tolerance(layer_dtype)
+    for step in range(3):
+        monkeypatch.setattr(layer_mod, "_FUSED_DEVICE_TYPES", frozenset())
+        expected = _train_step(eager, shape, dtype, step, channels_last)
+        monkeypatch.setattr(layer_mod, "_FUSED_DEVICE_TYPES", frozenset({"cpu"}))
+        assert fused._fused_step_applies(torch.zeros(shape, dtype=dtype))
+        got = _train_step(fused, shape, dtype, step, channels_last)
+        for a, b in zip(expected, got, strict=True):
+            assert b.dtype == a.dtype
+            torch.testing.assert_close(b, a, **tol(a.dtype))
+        # Each step starts from the same state: Triton's interpreter truncates fp32 -> bf16 conversions
+        # where torch (and the GPU) round to nearest, so a bf16 module's buffers drift an ulp a step.
+        eager.load_state_dict(fused.state_dict())
     if channels_last:
-        assert fused(torch.randn(shape).contiguous(memory_format=torch.channels_last)).is_contiguous(
-            memory_format=torch.channels_last
-        )
+        x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        assert fused(x).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fused_layer_at_rmax1_dmax0_is_batchnorm(fused_on_cpu):
@@ -167,14 +196,68 @@ def test_fused_layer_at_rmax1_dmax0_is_batchnorm(fused_on_cpu):
         torch.testing.assert_close(brn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_step_is_one_operation_for_the_per_channel_part(fused_on_cpu):
-    """Fused-path targets: forward <= BatchNorm + 3 operations (one launch for the per-channel part)."""
-    x = torch.randn(16, 32, 4, 4)
-    bn = count_layer_step(nn.BatchNorm2d(32), x)
-    fused = count_layer_step(BatchRenorm2d(32, rmax=3.0, dmax=5.0), x)
+@pytest.mark.parametrize(
+    ("dtype", "layer_dtype", "channels_last", "affine"),
+    [
+        (torch.float32, torch.float32, False, True),
+        (torch.bfloat16, torch.float32, False, True),
+        (torch.float16, torch.float16, False, True),
+        (torch.bfloat16, torch.bfloat16, True, True),
+        (torch.float32, torch.float32, True, False),
+    ],
+)
+def test_fused_step_is_one_operation_per_direction_for_the_per_channel_part(
+    fused_on_cpu, dtype, layer_dtype, channels_last, affine
+):
+    """Fused-path targets against nn.BatchNorm of the same dtypes: forward <= BatchNorm + 3 operations,
+    backward <= BatchNorm + 1 (one launch each for the per-channel part, casts to the weight dtype
+    included)."""
+    x = torch.randn(16, 32, 4, 4, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn = count_layer_step(nn.BatchNorm2d(32, affine=affine).to(layer_dtype), x)
+    fused = count_layer_step(BatchRenorm2d(32, rmax=3.0, dmax=5.0, affine=affine).to(layer_dtype), x)
     assert fused.forward_ops.get("brn.renorm_channel_step") == 1
+    assert fused.backward_ops.get("brn.renorm_affine_grads", 0) == int(affine)  # no gamma: no dgamma
     assert fused.forward <= bn.forward + 3, fused.forward_ops
-    assert fused.backward <= bn.backward + 2, fused.backward_ops
+    assert fused.backward <= bn.backward + 1, fused.backward_ops
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_affine_grads_kernel_matches_the_eager_backward(fused_on_cpu, weight_dtype, grad_dtype):
+    from brn_cli.nn.triton_renorm import renorm_affine_grads
+
+    c = 300  # more channels than one block
+    gen = torch.Generator().manual_seed(5)
+    gw, gb = (torch.randn(c, generator=gen).mul(10).to(grad_dtype) for _ in range(2))
+    r = (torch.rand(c, generator=gen) * 2 + 0.5).clamp(1 / 1.5, 1.5)  # some clipped, as in training
+    d = (torch.randn(c, generator=gen)).clamp(-0.5, 0.5)
+    dgamma, dbeta = renorm_affine_grads(gw, gb, r, d, weight_dtype)
+    expected = torch.addcmul(d * gb.float(), r, gw.float())  # the eager backward's formula
+    assert dgamma.dtype == dbeta.dtype == weight_dtype
+    # Triton's interpreter truncates fp32 -> bf16 where torch rounds to nearest: one unit apart.
+    ulp = 0.0 if weight_dtype == torch.float32 else torch.finfo(weight_dtype).eps
+    tol = {"rtol": max(2e-6, ulp), "atol": 1e-6}
+    torch.testing.assert_close(dgamma.float(), expected.to(weight_dtype).float(), **tol)
+    torch.testing.assert_close(dbeta.float(), gb.to(weight_dtype).float(), **tol)
+
+
+def test_fused_backward_that_builds_a_graph_matches_the_eager_one(monkeypatch):
+    """create_graph=True (a gradient penalty): the dgamma kernel has no derivative, so such a backward
+    takes the differentiable ops, and the second-order gradients are the eager layer's."""
+    eager, fused = _layer_pair(BatchRenorm1d, 5)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    results = []
+    for layer, devices in ((eager, frozenset()), (fused, frozenset({"cpu"}))):
+        monkeypatch.setattr(layer_mod, "_FUSED_DEVICE_TYPES", devices)
+        layer.rmax, layer.dmax = 2.0, 1.0
+        x = (torch.randn(16, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1).requires_grad_(True)
+        gx, gw = torch.autograd.grad(layer(x).pow(2).sum(), (x, layer.weight), create_graph=True)
+        (gx.pow(2).sum() + gw.sum()).backward()
+        results.append((gx.detach(), gw.detach(), x.grad, layer.weight.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_paths_the_kernel_does_not_cover_fall_back_to_eager(fused_on_cpu):
@@ -186,7 +269,46 @@ def test_paths_the_kernel_does_not_cover_fall_back_to_eager(fused_on_cpu):
         assert not layer._fused_step_applies(inp)
         assert "brn.renorm_channel_step" not in count_layer_step(layer, inp).forward_ops
     assert BatchRenorm2d(6)._fused_step_applies(x)
+    micro.microbatch = 8  # one group: the whole batch, as without microbatches
+    assert micro._fused_step_applies(x)
     assert not BatchRenorm2d(6)._fused_step_applies(x[:1, :, :1, :1])  # one value per channel: the error path
+
+
+def test_microbatch_and_process_group_layers_give_the_eager_results(monkeypatch, tmp_path):
+    """With the fused path on, a layer with microbatches or a process group (global statistics, or
+    averaged moving averages) takes the eager path: results bit for bit those of the eager layer, and
+    neither kernel runs. A 1-process gloo group runs the collectives' code path."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        base = _layer_pair(BatchRenorm2d, 6)[0]
+
+        def layers():
+            micro, synced, averaged = (copy.deepcopy(base) for _ in range(3))
+            micro.microbatch = 4
+            synced.process_group = averaged.process_group = dist.group.WORLD
+            averaged.average_stats = True
+            return micro, synced, averaged
+
+        shape = (8, 6, 3, 3)
+        monkeypatch.setattr(layer_mod, "_FUSED_DEVICE_TYPES", frozenset())
+        expected = [_train_three_steps(layer, shape, torch.float32) for layer in layers()]
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(layer_mod, "_FUSED_DEVICE_TYPES", frozenset({"cpu"}))
+        for layer, layer_expected in zip(layers(), expected, strict=True):
+            assert not layer._fused_step_applies(torch.zeros(shape))
+            for step_expected, step_got in zip(
+                layer_expected, _train_three_steps(layer, shape, torch.float32), strict=True
+            ):
+                for a, b in zip(step_expected, step_got, strict=True):
+                    torch.testing.assert_close(b, a, rtol=0, atol=0)
+            count = count_layer_step(layer, torch.randn(shape))
+            assert "brn.renorm_channel_step" not in count.forward_ops
+            assert "brn.renorm_affine_grads" not in count.backward_ops
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.gpu
@@ -204,3 +326,16 @@ def test_compiled_kernel_on_cuda_matches_the_eager_path(monkeypatch):
         for step_expected, step_got in zip(expected, got, strict=True):
             for a, b in zip(step_expected, step_got, strict=True):
                 torch.testing.assert_close(b, a, **tol)
+
+
+def test_a_fresh_layer_on_the_fused_path_warns_as_the_eager_one(fused_on_cpu, monkeypatch):
+    """The warning that a fresh layer's limits were never opened does not depend on the path taken."""
+    import warnings
+
+    monkeypatch.setattr(layer_mod, "_limits_warning_given", False)
+    layer = BatchRenorm1d(8).train()
+    assert layer._fused_step_applies(torch.randn(16, 8))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        layer(torch.randn(16, 8))
+    assert any("nothing set its limits" in str(w.message) for w in seen), [str(w.message) for w in seen]

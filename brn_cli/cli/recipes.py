@@ -257,9 +257,10 @@ def bench_cmd(
     what: Annotated[
         str,
         typer.Option(
-            "--what", help="Comma-separated: layer, models, onnx, peer, ops, crossq (default: all)."
+            "--what",
+            help="Comma-separated: layer, models, onnx, peer, ops, crossq, compiled (default: all).",
         ),
-    ] = "layer,models,onnx,peer,ops,crossq",
+    ] = "layer,models,onnx,peer,ops,crossq,compiled",
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1).")] = 1,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer shapes and repetitions.")] = False,
@@ -269,8 +270,8 @@ def bench_cmd(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Speed, side by side: renorm vs BatchNorm (layer sweep, ResNet and CrossQ critic training steps), ONNX
-    folding, torchrl."""
+    """Speed, side by side: renorm vs BatchNorm (layer sweep, ResNet and CrossQ critic training steps, eager
+    and under torch.compile), ONNX folding, torchrl."""
     from brn_cli.nn.device import resolve_device, set_threads
     from brn_cli.recipes.bench import run_benchmarks
     from brn_cli.storage.atomic import check_writable, write_atomic

@@ -330,25 +330,54 @@ _cached_scratch_buffers = functools.lru_cache(maxsize=512)(_new_scratch_buffers)
 
 def _cacheable(like: Tensor) -> bool:
     """Whether constants built for `like` may be kept for later steps: not for fake, functional or meta
-    tensors (tracing), nor inside inference mode (inference tensors)."""
+    tensors (tracing, torch.compile: dynamo cannot trace the inference-mode query), nor inside inference
+    mode (inference tensors)."""
+    if torch.compiler.is_compiling():
+        return False
     return type(like) is Tensor and not like.is_meta and not torch.is_inference_mode_enabled()
 
 
-# Under torch.compile the step above runs as one opaque op that declares its writes to the running buffers.
-# Written as plain ops, the AOT partitioner may recompute r and d in the backward from running_mean /
-# running_var *after* the in-place update, which silently gives wrong gradients (pytorch/pytorch#197039).
-# An op that mutates its inputs is never recomputed, so r and d are saved as computed.
-@torch.library.custom_op("brn::renorm_statistics", mutates_args=("running_mean", "running_var"))
-def _renorm_statistics_op(
-    x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, momentum: float, limits: Tensor
+# Under torch.compile the per-channel step is plain ops that inductor fuses, except one opaque read of the
+# running buffers. Written with the buffers read directly, the AOT partitioner may recompute r and d in the
+# backward from running_mean / running_var *after* the in-place update, which silently gives wrong gradients
+# (pytorch/pytorch#197039). r and d are computed from this op's copy instead: the partitioner does not recompute
+# a custom op (none is on its recomputable allowlist; only torch._functorch.config.aggressive_recomputation
+# lifts that), so it saves the copy or r and d, and the backward sees the values the forward used.
+@torch.library.custom_op("brn::running_snapshot", mutates_args=())
+def _running_snapshot(running_mean: Tensor, running_var: Tensor) -> Tensor:
+    return torch.stack([running_mean, running_var])
+
+
+@_running_snapshot.register_fake
+def _(running_mean, running_var):
+    return running_mean.new_empty((2, *running_mean.shape))
+
+
+def _compiled_statistics_and_update(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
+    rmax: Tensor,
+    dmax: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _statistics_and_update(x, running_mean, running_var, eps, momentum, limits[0], limits[1])
-
-
-@_renorm_statistics_op.register_fake
-def _(x, running_mean, running_var, eps, momentum, limits):
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(7))
+    """:func:`_statistics_and_update` written for inductor, same values: plain ops (it fuses them with the
+    statistics reduction and the normalization; the foreach forms would run as eager fallbacks), r and d
+    from a snapshot of the moving averages, and the update stored into the buffers (in-place stores)."""
+    with torch.no_grad():
+        stat_dtype = _stat_dtype(x.dtype)
+        var_b, mean_b = torch.var_mean(_as(x, stat_dtype), _reduce_dims(x), correction=0)
+        mu, var = _as(_running_snapshot(running_mean, running_var), stat_dtype).unbind(0)
+        sigma_b, sigma, invstd_b = torch.sqrt(var_b + eps), torch.sqrt(var + eps), torch.rsqrt(var_b + eps)
+        r_raw, d_raw = sigma_b / sigma, (mean_b - mu) / sigma
+        # (1 - a) * old + a * batch, as the eager step: defined when sigma or sigma_B is inf.
+        new_mu = mu * (1.0 - momentum) + mean_b * momentum
+        new_sigma = sigma * (1.0 - momentum) + sigma_b * momentum
+        new_var = (new_sigma * new_sigma - eps).clamp(0.0, torch.finfo(running_var.dtype).max)
+        running_mean.copy_(new_mu)
+        running_var.copy_(new_var)
+    return mean_b, var_b, invstd_b, r_raw, d_raw, _clip_r(r_raw, rmax), _clip_d(d_raw, dmax)
 
 
 def _renorm_train_step(
@@ -377,10 +406,10 @@ def _renorm_train_step(
             x, running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
         )
     elif process_group is None and isinstance(rmax, Tensor) and isinstance(dmax, Tensor):
-        stats = _renorm_statistics_op(
-            x.detach(), running_mean, running_var, eps, momentum, torch.stack([rmax, dmax])
+        stats = _compiled_statistics_and_update(
+            x.detach(), running_mean, running_var, eps, momentum, rmax, dmax
         )
-    else:  # collectives cannot enter a custom op: run this part eagerly (a graph break, but exact)
+    else:  # collectives cannot be compiled here: this part runs eagerly (a graph break, but exact)
         stats = torch.compiler.disable(_statistics_and_update)(
             x.detach(), running_mean, running_var, eps, momentum, rmax, dmax, process_group, average_stats
         )
@@ -419,6 +448,14 @@ def _fused_channel_step():
     return renorm_channel_step
 
 
+@functools.cache
+def _fused_affine_grads():
+    """brn_cli.nn.triton_renorm.renorm_affine_grads (the fused backward; imports wherever the forward did)."""
+    from brn_cli.nn.triton_renorm import renorm_affine_grads
+
+    return renorm_affine_grads
+
+
 def _fused_train_step(
     x: Tensor,
     weight: Tensor | None,
@@ -431,7 +468,8 @@ def _fused_train_step(
     telemetry_rows: Tensor,
 ) -> Tensor:
     """:func:`_renorm_train_step` with the per-channel part (r, d, affine terms, moving averages and the
-    telemetry rows, written into `telemetry_rows`) in one kernel launch; no process group."""
+    telemetry rows, written into `telemetry_rows`) in one kernel launch, and the backward's dgamma in
+    another (passing w_eff and b_eff marks the step fused); no process group."""
     with torch.no_grad():
         mean_b, var_b = _batch_stats(x)
         invstd_b, w_eff, b_eff, r, d = _fused_channel_step()(
@@ -469,7 +507,9 @@ class _BatchRenormFn(torch.autograd.Function):
         w_eff: Tensor | None = None,
         b_eff: Tensor | None = None,
     ) -> Tensor:
-        if w_eff is None or b_eff is None:  # else computed with r and d (the fused kernel)
+        # Given w_eff and b_eff, the fused kernel computed them, and the backward uses its twin.
+        ctx.fused = w_eff is not None and b_eff is not None
+        if not ctx.fused:
             w_eff, b_eff = _affine_terms(weight, bias, r, d)
         # The elementwise kernel of inference-mode batch norm, fed the batch statistics:
         # (x - mean_b) / sqrt(var_b + eps) * w_eff + b_eff. On a CPU, native_batch_norm directly (what
@@ -504,11 +544,17 @@ class _BatchRenormFn(torch.autograd.Function):
             )
         grad_weight = grad_bias = None
         # y = gamma * (r * xhat + d) + beta  =>  dgamma = r * sum(g*xhat) + d * sum(g),  dbeta = sum(g)
-        if ctx.has_weight and need_w:
-            gw, gb = _as(grad_w_eff, r.dtype), _as(grad_b_eff, r.dtype)
-            grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
-        if ctx.has_bias and need_b:
-            grad_bias = _as(grad_b_eff, ctx.weight_dtype)
+        # One launch, casts to the weight dtype included; the kernel has no derivative, so a backward
+        # that builds a graph (create_graph=True: double backward) takes the differentiable ops.
+        if ctx.fused and ctx.has_weight and need_w and not torch.is_grad_enabled():
+            grad_weight, grad_bias = _fused_affine_grads()(grad_w_eff, grad_b_eff, r, d, ctx.weight_dtype)
+            grad_bias = grad_bias if ctx.has_bias and need_b else None
+        else:
+            if ctx.has_weight and need_w:
+                gw, gb = _as(grad_w_eff, r.dtype), _as(grad_b_eff, r.dtype)
+                grad_weight = _as(torch.addcmul(d * gb, r, gw), ctx.weight_dtype)
+            if ctx.has_bias and need_b:
+                grad_bias = _as(grad_b_eff, ctx.weight_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
 
 
@@ -720,7 +766,7 @@ def _batch_renorm_train(
         )
     if microbatch is not None and microbatch < x.shape[0]:
         # Reads and then updates the running buffers with plain ops: under torch.compile it runs eagerly, for
-        # the reason given at _renorm_statistics_op.
+        # the reason given at _running_snapshot.
         microbatch_fn = (
             torch.compiler.disable(_microbatch_renorm)
             if torch.compiler.is_compiling()
@@ -927,6 +973,9 @@ class BatchRenormNd(nn.Module):
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         self.num_batches_tracked.add_(1)
+        compiling = torch.compiler.is_compiling()
+        if not self._limits_chosen and not compiling:
+            _warn_limits_never_set(self)
         if self._fused_step_applies(x):
             return _fused_train_step(
                 x,
@@ -941,11 +990,9 @@ class BatchRenormNd(nn.Module):
             )
         # Read now: a schedule may change them between steps. Compiled code reads the tensor mirror instead
         # of the floats, which dynamo would bake into the graph as constants (one recompile per value).
-        if torch.compiler.is_compiling():
+        if compiling:
             rmax, dmax = self._limits[0], self._limits[1]
         else:
-            if not self._limits_chosen:
-                _warn_limits_never_set(self)
             rmax, dmax = self._rmax, self._dmax
         sink: list = []
         y = _batch_renorm_train(

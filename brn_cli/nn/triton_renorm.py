@@ -1,10 +1,13 @@
-"""The per-channel step of a renorm training step as one Triton kernel (CUDA; Triton's interpreter on CPU).
+"""The per-channel parts of a renorm training step as Triton kernels (CUDA; Triton's interpreter on CPU).
 
-Batch statistics in; 1 / sigma_B, r and d (clipped), BatchNorm's weight' = gamma * r and
+Forward: batch statistics in; 1 / sigma_B, r and d (clipped), BatchNorm's weight' = gamma * r and
 bias' = gamma * d + beta, the telemetry rows (r, d unclipped and clipped) and the moving-average update
 out, in one launch over the channels, where the eager path needs about ten operations (kernel launches).
-Registered with ``torch.library.triton_op``, declaring its writes to the running buffers and the telemetry
-rows: an op that mutates its inputs is never recomputed, so r and d are never rebuilt from updated buffers.
+Backward: from BatchNorm's gradients for weight' and bias', dgamma = r * dweight' + d * dbias' and dbeta,
+cast to the weight's dtype, in one launch (the eager path: two operations plus casts).
+Registered with ``torch.library.triton_op``; the forward declares its writes to the running buffers and
+the telemetry rows: an op that mutates its inputs is never recomputed, so r and d are never rebuilt from
+updated buffers.
 
 Importing this module needs triton (shipped with CUDA builds of torch); the layer imports it only when
 it is about to use it, and falls back to the eager path when the import fails.
@@ -20,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 
-__all__ = ["renorm_channel_step"]
+__all__ = ["renorm_affine_grads", "renorm_channel_step"]
 
 _BLOCK = 256
 
@@ -102,10 +105,23 @@ def _renorm_channel_kernel(
     tl.store(rows_ptr + 3 * c + offs, d.to(row_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool):
+def _renorm_affine_grads_kernel(gw_ptr, gb_ptr, r_ptr, d_ptr, dgamma_ptr, dbeta_ptr, c, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < c
+    gw = tl.load(gw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gb = tl.load(gb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0)
+    # y = gamma * (r * xhat + d) + beta, and BatchNorm's backward gave gw = sum(g * xhat), gb = sum(g).
+    dgamma = r * gw + d * gb
+    tl.store(dgamma_ptr + offs, dgamma.to(dgamma_ptr.dtype.element_ty), mask=mask)
+    tl.store(dbeta_ptr + offs, gb.to(dbeta_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=4)
+def _kernel(interpret: bool, fn=_renorm_channel_kernel):
     # triton.jit picks compiled or interpreted (TRITON_INTERPRET) when it decorates: one per mode.
-    return triton.jit(_renorm_channel_kernel)
+    return triton.jit(fn)
 
 
 @torch.library.triton_op("brn::renorm_channel_step", mutates_args={"running_mean", "running_var", "rows"})
@@ -158,3 +174,22 @@ def renorm_channel_step(
         BLOCK=_BLOCK,
     )
     return invstd_b, w_eff, b_eff, r, d
+
+
+@torch.library.triton_op("brn::renorm_affine_grads", mutates_args=())
+def renorm_affine_grads(
+    grad_w_eff: Tensor, grad_b_eff: Tensor, r: Tensor, d: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """One launch: (dgamma, dbeta) = (r * dweight' + d * dbias', dbias') in `dtype` (the weight's), from
+    BatchNorm's gradients for weight' and bias' (any float dtype) and float32 r and d.
+
+    dbeta is a copy when `dtype` is float32: returned anyway so that a half-precision module gets both
+    gradients cast in the same launch.
+    """
+    if r.dtype != torch.float32 or d.dtype != torch.float32:
+        raise ValueError(f"renorm_affine_grads takes float32 r and d, got {r.dtype} and {d.dtype}")
+    c = r.numel()
+    dgamma, dbeta = (torch.empty_like(r, dtype=dtype) for _ in range(2))
+    kernel = torch.library.wrap_triton(_kernel(bool(knobs.runtime.interpret), _renorm_affine_grads_kernel))
+    kernel[(triton.cdiv(c, _BLOCK),)](grad_w_eff, grad_b_eff, r, d, dgamma, dbeta, c, BLOCK=_BLOCK)
+    return dgamma, dbeta

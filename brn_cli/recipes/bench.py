@@ -7,6 +7,7 @@ and the ratio of medians is what is compared against a target.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,11 +22,6 @@ __all__ = ["LAYER_TARGETS", "bench_layer", "interleaved_medians", "interleaved_t
 
 # The layer's speed targets: BatchRenorm2d / nn.BatchNorm2d time ratios.
 LAYER_TARGETS = {"train": 1.10, "eval": 1.02}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def layer_steps(
@@ -55,20 +51,37 @@ def interleaved_times(
     """Seconds per call of each function, one entry per round, timed in interleaved rounds.
 
     Each round runs every function once; the order reverses on odd rounds so neither side always runs
-    right after the other (caches, clock boosts). `warmup` untimed rounds come first.
+    right after the other (caches, clock boosts). `warmup` untimed rounds come first. On a CUDA device
+    each call is timed by CUDA events recorded on the current stream around it.
     """
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
+    clock = _cuda_event_clock if device.type == "cuda" else _host_clock
     for i in range(warmup + reps):
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
-            _sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            _sync(device)
+            seconds = clock(fns[name], device)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     return times
+
+
+def _host_clock(fn: Callable[[], Any], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _cuda_event_clock(fn: Callable[[], Any], device: torch.device) -> float:
+    """GPU time between two CUDA events around `fn` (its kernels, not the host's launch overhead alone),
+    on an idle device: synchronized before, and after to read the events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1000.0
 
 
 def interleaved_medians(
@@ -393,8 +406,6 @@ def bench_onnx_fold(
             benchmark=True,
             benchmark_repeats=repeats,
         )
-    if report.benchmark is None or report.verify is None:
-        raise RuntimeError("export_onnx_checked returned no benchmark")
     b = report.benchmark
     return {
         "arch": arch,
@@ -566,12 +577,14 @@ def bench_crossq_step(
     reps: int = 50,
     warmup: int = 10,
     seed: int = 0,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """CrossQ critic update with BatchRenorm1d (rmax 3, dmax 5: CrossQ after its warm-up) vs nn.BatchNorm1d.
 
     Twin critics of identical weights (the renorm pair converted from the BatchNorm pair), momentum 0.01
     (CrossQ's 0.99 in Flax's convention), a HalfCheetah-sized transition batch (17 + 6 inputs). Interleaved
     rounds; the ratio is the median of per-round renorm/batchnorm ratios (:func:`paired_ratio`).
+    `compiled` runs each critic through torch.compile (static shapes; the first warm-up round compiles).
     """
     import copy
 
@@ -594,10 +607,15 @@ def bench_crossq_step(
         "done": (torch.rand(batch, 1, generator=gen) < 0.01).float(),
     }
     data = {k: v.to(dev) for k, v in data.items()}
+    if compiled:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # a fresh compile cache: no recompile limit left over from earlier parts
+        bn, brn = (nn.ModuleList(torch.compile(c, dynamic=False) for c in m) for m in (bn, brn))
     times = interleaved_times(
         {"batchnorm": _crossq_update(bn, data), "renorm": _crossq_update(brn, data)},
         reps=reps,
-        warmup=warmup,
+        warmup=max(warmup, 2) if compiled else warmup,
         device=dev,
     )
     return {
@@ -609,6 +627,7 @@ def bench_crossq_step(
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "reps": reps,
+        "compiled": compiled,
         "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
         "ratio": paired_ratio(times["renorm"], times["batchnorm"]),
     }
@@ -625,15 +644,133 @@ def _crossq_markdown(rows: list[dict[str, Any]] | None) -> list[str]:
         widths = "-".join(map(str, r["hidden"]))
         lines.append(
             f"| {r['critics']} critics, {r['inputs']}-{widths}-1, batch {r['batch']} ({r['device']}, "
-            f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}) | {r['ms']['batchnorm']:.3f} | "
+            f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}{', compiled' if r.get('compiled') else ''}) | "
+            f"{r['ms']['batchnorm']:.3f} | "
             f"{r['ms']['renorm']:.3f} | {r['ratio']:.3f} |"
         )
     return [*lines, ""]
 
 
+__all__ += ["COMPILED_SHAPES", "bench_compiled", "bench_compiled_layer"]
+
+# Layer inputs of `brn bench --what compiled`: an MLP / critic feature batch, a small 2-D map where the
+# per-channel work dominates, and an early ResNet activation where the passes over the data do.
+COMPILED_SHAPES: tuple[tuple[int, ...], ...] = ((256, 512), (8, 16, 14, 14), (32, 64, 56, 56))
+
+
+def bench_compiled_layer(
+    shape: Sequence[int] = (256, 512),
+    *,
+    device: str | torch.device = "cpu",
+    reps: int = 30,
+    warmup: int = 5,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Training step (forward + backward) of ``torch.compile(nn.BatchNorm)`` vs ``torch.compile(BatchRenorm)``
+    on the inputs and moving averages of :func:`bench_layer` (r and d clipped in half the channels).
+
+    Static shapes, compiled afresh; the first warm-up round compiles. Interleaved rounds, paired ratio
+    against the compiled-layer target. Also what one compiled step launches, per layer
+    (:func:`brn_cli.nn.opcount.count_compiled_step`, run on copies so the timed layers keep their state).
+    """
+    import copy
+
+    import torch._dynamo as dynamo
+
+    from brn_cli.nn.opcount import count_compiled_step
+
+    dev = torch.device(device)
+    shape = tuple(int(s) for s in shape)
+    x, grad = _layer_input_and_grad(shape, dtype=torch.float32, channels_last=False, device=dev, seed=seed)
+    layers = _clipping_layer_pair(shape, rmax=rmax, dmax=dmax, dtype=torch.float32, device=dev)
+    pair = dict(zip(("batchnorm", "renorm"), layers, strict=True))
+    counts = {name: count_compiled_step(copy.deepcopy(layer), x) for name, layer in pair.items()}
+    dynamo.reset()
+    steps = {
+        name: layer_steps(torch.compile(layer, dynamic=False), x, grad)[0] for name, layer in pair.items()
+    }
+    times = interleaved_times(steps, reps=reps, warmup=max(warmup, 1), device=dev)
+    ratio = paired_ratio(times["renorm"], times["batchnorm"])
+    return {
+        "shape": list(shape),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "reps": reps,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "ratio": ratio,
+        "target": LAYER_TARGETS["train"],
+        "pass": ratio <= LAYER_TARGETS["train"],
+        "launches": {
+            name: {
+                "forward": c.forward,
+                "backward": c.backward,
+                "forward_kernels": c.forward_kernels,
+                "backward_kernels": c.backward_kernels,
+                "forward_ops": c.forward_ops,
+                "backward_ops": c.backward_ops,
+                "opaque": {**c.forward_opaque, **c.backward_opaque},
+            }
+            for name, c in counts.items()
+        },
+    }
+
+
+def bench_compiled(
+    shapes: Sequence[Sequence[int]] = COMPILED_SHAPES,
+    *,
+    device: str | torch.device = "cpu",
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Compiled training steps, renorm vs BatchNorm: :func:`bench_compiled_layer` per shape and the CrossQ
+    critic update with compiled critics. `quick` runs one small layer and few repetitions."""
+    say = progress or (lambda _t: None)
+    rows = []
+    for shape in ((16, 32),) if quick else shapes:
+        say(f"compiled layer {list(shape)}")
+        big = math.prod(shape) > 1_000_000
+        reps = 3 if quick else (10 if big else 30)
+        rows.append(bench_compiled_layer(shape, device=device, reps=reps, warmup=1 if quick else 3))
+    say("compiled CrossQ critic update")
+    crossq = bench_crossq_step(
+        device=device, reps=5 if quick else 50, warmup=2 if quick else 10, compiled=True
+    )
+    return {"layers": rows, "crossq": [crossq]}
+
+
+def _compiled_markdown(results: dict[str, Any] | None) -> list[str]:
+    if not results:
+        return []
+    lines = [
+        "| compiled training step (torch.compile) | ms BN | ms BRN | ratio BRN/BN (target) "
+        "| launches BN fwd / bwd | launches BRN fwd / bwd | BRN launches: forward; backward |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def detail(c: dict[str, Any], phase: str) -> str:
+        ops = ", ".join(f"{name} x{n}" for name, n in c[f"{phase}_ops"].items())
+        n = c[f"{phase}_kernels"]
+        return f"{n} kernel{'s' if n != 1 else ''}" + (f" + {ops}" if ops else "")
+
+    for r in results["layers"]:
+        bn, brn = r["launches"]["batchnorm"], r["launches"]["renorm"]
+        opaque = ", ".join(f"{name} x{n}" for name, n in brn["opaque"].items())
+        lines.append(
+            f"| {'x'.join(map(str, r['shape']))} ({r['device']}, {r['threads']} thread"
+            f"{'s' if r['threads'] != 1 else ''}) | {r['ms']['batchnorm']:.3f} | {r['ms']['renorm']:.3f} | "
+            f"{r['ratio']:.3f} ({r['target']:.2f}) | {bn['forward']} / {bn['backward']} | "
+            f"{brn['forward']} / {brn['backward']} | {detail(brn, 'forward')}; {detail(brn, 'backward')}"
+            f"{f' (opaque: {opaque}, counted as the operations it runs)' if opaque else ''} |"
+        )
+    return [*lines, "", *_crossq_markdown(results.get("crossq"))]
+
+
 __all__ += ["BENCH_PARTS", "benchmarks_markdown", "run_benchmarks"]
 
-BENCH_PARTS = ("layer", "models", "onnx", "peer", "ops", "crossq")
+BENCH_PARTS = ("layer", "models", "onnx", "peer", "ops", "crossq", "compiled")
 
 
 def run_benchmarks(
@@ -700,6 +837,8 @@ def run_benchmarks(
         results["crossq"] = [
             bench_crossq_step(device=dev, reps=5 if quick else 50, warmup=1 if quick else 10)
         ]
+    if "compiled" in parts:
+        results["compiled"] = bench_compiled(device=dev, quick=quick, progress=say)
     return results
 
 
@@ -770,4 +909,5 @@ def benchmarks_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     lines += _ops_markdown(results.get("ops"))
     lines += _crossq_markdown(results.get("crossq"))
+    lines += _compiled_markdown(results.get("compiled"))
     return "\n".join(lines)
