@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from brn_cli import convert_batchnorm
+from brn_cli.deploy.detections import match_image, near_tie, shifted_mask_difference
 from brn_cli.deploy.export import export_onnx, export_onnx_checked, takes_image_list
 from brn_cli.deploy.verify import verify_onnx
 from brn_cli.errors import BrnError
@@ -117,6 +119,41 @@ def test_verify_reports_a_shape_mismatch_as_a_failed_check(tmp_path):
     assert report.checks[0].mismatch == "output tensor 0: ONNX shape [3, 4], PyTorch [2, 4]"
 
 
+def detections(boxes, labels, scores, masks=None) -> dict:
+    found = {"boxes": np.array(boxes, float), "labels": np.array(labels), "scores": np.array(scores, float)}
+    return found if masks is None else {**found, "masks": masks}
+
+
+def test_detections_are_paired_by_label_and_box_not_by_position():
+    want = detections([[0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 9, 9]], [1, 2, 1], [0.9, 0.8, 0.7])
+    # the same detections listed in another order (near-tied scores sort either way), within the box tolerance
+    got = detections([[20, 20, 40, 40], [0, 0, 10, 10.001], [5, 5, 9, 9]], [2, 1, 1], [0.8, 0.9, 0.7])
+    match = match_image(got, want, box_tol=0.01)
+    assert sorted(match.pairs) == [(0, 1), (1, 0), (2, 2)] and not match.want_left and not match.got_left
+    relabelled = detections([[0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 9, 9]], [1, 3, 1], [0.9, 0.8, 0.7])
+    match = match_image(relabelled, want, box_tol=0.01)
+    assert match.want_left == [1] and match.got_left == [1]  # same box, another label: no pair
+    moved = detections([[0, 0, 10, 10.5], [20, 20, 40, 40], [5, 5, 9, 9]], [1, 2, 1], [0.9, 0.8, 0.7])
+    match = match_image(moved, want, box_tol=0.01)
+    assert match.want_left == [0] and match.nearest == pytest.approx(0.5)
+
+
+def test_only_a_score_at_the_cut_explains_an_unpaired_detection():
+    # the lowest score kept is 0.3: a detection within the tolerance of it may fall either side of the cut
+    assert near_tie([0.30005, 0.31, 0.9], lowest=0.3, score_tol=2e-4) == [True, False, False]
+
+
+def test_a_mask_pasted_one_pixel_over_differs_only_by_the_shift():
+    mask = np.zeros((1, 1, 12, 12))
+    mask[0, 0, 3:8, 3:8] = 0.9
+    shifted = np.roll(mask, 1, axis=3)
+    assert np.abs(shifted - mask).max() == pytest.approx(0.9)
+    assert shifted_mask_difference(shifted, mask) == 0.0
+    changed = mask.copy()
+    changed[0, 0, 5, 5] = 0.2  # inside the mask, far from any edge: no shift explains it
+    assert shifted_mask_difference(changed, mask) == pytest.approx(0.7)
+
+
 torchvision = pytest.importorskip("torchvision", reason="torchvision (a test extra) is not installed")
 SMALL = {"min_size": 96, "max_size": 96}
 
@@ -138,34 +175,85 @@ def test_folding_a_detector_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "d.onnx").exists()
 
 
-def detector_file(tmp_path, name: str) -> tuple:
+# Random weights, small: the R-CNNs keep their 10 best detections of 100 proposals. Their random-weight scores
+# are spread (0.8 to 0.98, adjacent ones 1e-3 apart), so the detections compared are many and distinct.
+# RetinaNet's random-weight scores sit at its classification prior, 0.01, under its 0.05 threshold: nothing
+# would be detected, so its threshold is 0 and it keeps its 10 best (0.034 to 0.039, some tied within 1e-5).
+DETECTORS = {
+    "fasterrcnn_resnet50_fpn": {**SMALL, "box_detections_per_img": 10, "rpn_post_nms_top_n_test": 100},
+    "retinanet_resnet50_fpn": {**SMALL, "detections_per_img": 10, "score_thresh": 0.0},
+    "maskrcnn_resnet50_fpn": {**SMALL, "box_detections_per_img": 10, "rpn_post_nms_top_n_test": 100},
+}
+
+
+def detector_file(tmp_path, name: str, kwargs: dict | None = None) -> tuple:
     """A state_dict of a randomly initialised torchvision detector, and the CLI options that rebuild it."""
     from torchvision.models import detection
 
-    model = getattr(detection, name)(weights=None, weights_backbone=None, **SMALL)
+    kwargs = SMALL if kwargs is None else kwargs
+    torch.manual_seed(0)
+    model = getattr(detection, name)(weights=None, weights_backbone=None, **kwargs)
     path = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), path)
-    return path, ("--arch", f"torchvision:{name}", "--arch-kwargs", json.dumps(SMALL))
+    return path, ("--arch", f"torchvision:{name}", "--arch-kwargs", json.dumps(kwargs))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"])
-def test_cli_exports_a_detector_and_verifies_it_in_onnxruntime(run_cli, tmp_path, name):
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_cli_exports_a_detector_and_verifies_its_detections_in_onnxruntime(run_cli, tmp_path, name):
     import onnx
 
-    path, arch = detector_file(tmp_path, name)
+    raw, arch = detector_file(tmp_path, name, DETECTORS[name])
     out = tmp_path / "detector.onnx"
     shape = ("--input-shape", "2,3,96,96")
+    # inspect and convert first (a random backbone has plain BatchNorm2d), then export the renorm model
+    res = run_cli("inspect", raw, *arch, *shape, "--json")
+    assert res.code == 0, res.err
+    bn = [n for n in json.loads(res.out)["norms"] if n["type"] == "BatchNorm2d"]
+    assert len(bn) == 53  # ResNet-50's
+    path = tmp_path / "renorm.pt"
+    res = run_cli("convert", raw, *arch, *shape, "-o", path)
+    assert res.code == 0 and "converted 53 of 53" in res.out, res.out + res.err
     res = run_cli("export", "onnx", path, *arch, *shape, "-o", out)
     assert res.code == 2 and "detector cannot be folded" in res.err and len(res.err_lines) == 1
     res = run_cli("export", "onnx", path, *arch, *shape, "-o", out, "--no-fold", "--json")
     assert res.code == 0, res.err
     report = json.loads(res.out)
     assert report["written"] and report["verify"]["passed"] and not report["dynamic_batch"]
-    assert [(c["batch"], c["top1"]) for c in report["verify"]["checks"]] == [(2, None), (2, None)]
+    checks = report["verify"]["checks"]
+    assert [(c["batch"], c["top1"]) for c in checks] == [(2, None), (2, None)]
+    for c in checks:  # not a vacuous check: 2 inputs x 2 images x 10 detections, every one paired
+        found = c["detections"]
+        assert found["reference"] == found["onnx"] == found["matched"] == 40 and found["unmatched"] == 0
+        assert found["masks"] == (name == "maskrcnn_resnet50_fpn")
     graph = onnx.load(str(out), load_external_data=False).graph
     assert [i.name for i in graph.input] == ["image_0", "image_1"]
-    assert len(graph.output) == 6  # boxes, scores, labels of each image
+    per_image = 4 if name == "maskrcnn_resnet50_fpn" else 3  # boxes, scores, labels (and masks)
+    assert len(graph.output) == 2 * per_image
+    if name == "fasterrcnn_resnet50_fpn":
+        check_a_wrong_export_fails(out, name, tmp_path)
+
+
+def check_a_wrong_export_fails(path, name, tmp_path) -> None:
+    """One weight of the first convolution changed in the ONNX file: the detections move, and the pairing says so."""
+    import onnx
+    from onnx import numpy_helper
+    from torchvision.models import detection
+
+    graph = onnx.load(str(path))
+    first_conv = next(n for n in graph.graph.node if n.op_type == "Conv")
+    weight = next(i for i in graph.graph.initializer if i.name == first_conv.input[1])
+    values = numpy_helper.to_array(weight).copy()
+    values[0, 0, 0, 0] += 1.0
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(graph, str(wrong))
+    model = getattr(detection, name)(weights=None, weights_backbone=None, **DETECTORS[name])
+    model.load_state_dict(torch.load(tmp_path / f"{name}.pt"))
+    report = verify_onnx(wrong, model, [2, 3, 96, 96], image_list=True, optimization_levels=["disabled"])
+    assert not report.passed
+    assert report.checks[0].detections.unmatched > 0
+    assert "PyTorch detections have no ONNX detection of the same label" in report.failure()
 
 
 @pytest.mark.slow

@@ -4,9 +4,9 @@ Tiny models (two conv layers with BatchNorm, or a two-stage ResNetForImageClassi
 config, random weights, nothing downloaded), 8 steps on CPU. Each test checks what a user relies on: the
 layers are converted, the limits at every step are the schedule's at the trainer's global step, the
 telemetry reaches the trainer's log, a resume from the trainer's checkpoint continues limits and weights
-exactly as the uninterrupted run, and under DDP (2 processes, gloo) with ``sync_batchnorm=True`` the renorm
-layers survive and compute the statistics of the global batch (weights equal to one process with the
-whole batch).
+exactly as the uninterrupted run, and under DDP (2 processes, gloo: Lightning's strategy with
+``sync_batchnorm=True``, transformers' Trainer under torchrun) the renorm layers survive and compute the
+statistics of the global batch (weights equal to one process with the whole batch).
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` as a user would (brn importable, one thread a process) and require success."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,16 +299,7 @@ def test_lightning_ddp_with_sync_batchnorm_keeps_renorm_and_global_statistics(pl
     averages equal one process trained on the whole batch."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python([str(script), str(tmp_path)], cwd=tmp_path)
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert len(seen) == 8 and all(kind == "BatchRenorm2d" and synced for kind, synced, _ in seen)
     assert [rmax for _, _, rmax in seen] == [r for r, _ in expected_limits(range(8))]
@@ -314,23 +315,8 @@ def test_lightning_ddp_with_sync_batchnorm_keeps_renorm_and_global_statistics(pl
 @pytest.mark.slow
 def test_lightning_example_runs(tmp_path):
     pytest.importorskip("pytorch_lightning")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "examples" / "lightning_module.py"),
-            "--steps",
-            "4",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    example = REPO / "examples" / "lightning_module.py"
+    proc = run_python([str(example), "--steps", "4", "--out", str(tmp_path)], cwd=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     rmax, dmax = preset_schedules("paper-scaled", total_steps=4)
     assert summary["steps"] == 4 and summary["limits"] == [rmax(4), dmax(4)]
@@ -448,6 +434,118 @@ def test_hf_callback_converts_before_the_optimizer_and_refuses_after(tmp_path):
     with pytest.raises(brn_cli.BrnError, match="after the optimizer was built"):
         BatchRenormCallback().on_train_begin(None, state, TrainerControl(), model=late, optimizer=optimizer)
     assert {type(m).__name__ for m in late.modules()} >= {"BatchNorm2d"}  # left as it was
+
+    # restore_callback_states_from_checkpoint rebuilds the callback from the JSON of its arguments.
+    callback = BatchRenormCallback(list(SPECS), rmax=2, stats_sync="LOCAL", log_telemetry=False)
+    rebuilt = BatchRenormCallback(**json.loads(json.dumps(callback.state()["args"])))
+    assert rebuilt.state() == callback.state()
+    assert (rebuilt.schedule, rebuilt.rmax, rebuilt.stats_sync, rebuilt.log_telemetry) == (
+        SPECS,
+        2.0,
+        "local",
+        False,
+    )
+
+
+HF_DDP_SCRIPT = """
+import json, os, sys
+import torch
+import transformers
+
+import brn_cli
+from brn_cli.integrations.hf import BatchRenormCallback
+
+GLOBAL_BATCH = 8
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        self.y = torch.arange(32) % 4
+        self.x = torch.randn(32, 3, 8, 8, generator=gen) + self.y.view(-1, 1, 1, 1) * 0.5
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def run(world, out):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4
+    )
+    model = transformers.ResNetForImageClassification(config)
+    args = transformers.TrainingArguments(
+        output_dir=out, max_steps=8, per_device_train_batch_size=GLOBAL_BATCH // world, learning_rate=0.05,
+        lr_scheduler_type="constant", optim="sgd", logging_steps=1, save_strategy="steps", save_steps=4,
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        # In order, split by rank: the union of the ranks' batches is one process's batch of 8.
+        train_sampling_strategy="sequential", ddp_backend="gloo" if world > 1 else None,
+        # Unclipped gradients, so that their size is compared too, and no loss scaled by the process count
+        # (the Trainer does so for a forward taking **kwargs; ResNet's loss, a plain mean, does not undo it).
+        max_grad_norm=0.0, average_tokens_across_devices=False,
+    )
+    renorm = BatchRenormCallback(("2:1,10:3", "2:0,12:5"))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Images(), callbacks=[renorm])
+    seen = []
+
+    def record(layer, inputs):
+        if layer.training:
+            synced = layer.process_group is not None
+            seen.append([type(layer).__name__, synced, layer.rmax, inputs[0].shape[0]])
+
+    brn_cli.renorm_layers(model)[0][1].register_forward_pre_hook(record)  # converted by Trainer.__init__
+    trainer.train()
+    return model, trainer, seen
+
+
+if __name__ == "__main__":
+    model, trainer, seen = run(int(os.environ["WORLD_SIZE"]), sys.argv[1])
+    with open(f"{sys.argv[1]}/seen-{os.environ['RANK']}.json", "w") as f:
+        json.dump(seen, f)
+    if trainer.is_world_process_zero():
+        torch.save(model.state_dict(), sys.argv[1] + "/model.pt")
+        with open(sys.argv[1] + "/logs.json", "w") as f:
+            json.dump([e for e in trainer.state.log_history if "brn/rmax" in e], f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hf_trainer_under_torchrun_keeps_renorm_and_global_statistics(tmp_path):
+    """transformers' Trainer on 2 CPU processes (torchrun, gloo), batch 4 each: the callback converts before
+    the optimizer and the DDP wrapper exist, brn's global statistics sync is on over the Trainer's process
+    group, the limits follow the global step, the checkpoint holds the schedule, and the weights, moving
+    averages and logged telemetry equal one process trained with batch 8."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the hf extra has it)")
+    script = tmp_path / "hf_ddp_run.py"
+    script.write_text(HF_DDP_SCRIPT)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_python([*torchrun, str(script), str(tmp_path / "ddp")], cwd=tmp_path)
+    limits = [r for r, _ in expected_limits(range(8))]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / "ddp" / f"seen-{rank}.json").read_text())
+        assert seen == [["BatchRenorm2d", True, rmax, 4] for rmax in limits], f"rank {rank}"
+    saved = json.loads((tmp_path / "ddp" / "checkpoint-4" / "trainer_state.json").read_text())
+    brn_state = saved["stateful_callbacks"]["BatchRenormCallback"]["attributes"]["brn_state"]
+    assert brn_state["scheduler"]["step"] == 4
+
+    spec = importlib.util.spec_from_file_location("hf_ddp_run", script)
+    single = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(single)
+    reference, trainer, seen = single.run(1, str(tmp_path / "single"))
+    assert seen == [["BatchRenorm2d", False, rmax, 8] for rmax in limits]
+    assert_same_state(
+        torch.load(tmp_path / "ddp" / "model.pt", weights_only=True), state_of(reference), atol=2e-5
+    )
+    logged = json.loads((tmp_path / "ddp" / "logs.json").read_text())
+    expected = [e for e in trainer.state.log_history if "brn/rmax" in e]
+    assert [e["step"] for e in logged] == [e["step"] for e in expected] == list(range(1, 9))
+    for name in ("brn/rmax", "brn/dmax", "brn/mean_abs_log_r", "brn/mean_abs_d", "brn/r_clip_frac"):
+        assert [e[name] for e in logged] == pytest.approx([e[name] for e in expected], abs=1e-5), name
 
 
 def doc_blocks() -> list[str]:

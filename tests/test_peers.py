@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import copy
 import doctest
+import importlib
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -304,9 +307,13 @@ def test_a_subclass_overriding_forward_is_skipped():
     assert decision.action == "skip" and "overrides forward()" in decision.reason
 
 
-@pytest.mark.parametrize("name", ["peer_schedule", "PeerSchedule"])
+@pytest.mark.parametrize(
+    "name", ["peer_schedule", "PeerSchedule", "RenormScheduler.from_checkpoint", "nn.peers.peer_record"]
+)
 def test_docstring_examples_run(name):
-    obj = getattr(brn_cli, name)
+    obj = brn_cli
+    for part in name.split("."):
+        obj = getattr(obj, part) if part != "nn" else importlib.import_module("brn_cli.nn")
     tests = [t for t in doctest.DocTestFinder().find(obj, name, globs={}) if t.examples]
     assert tests
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
@@ -335,3 +342,185 @@ def test_inspect_and_convert_list_them(run_cli, tmp_path):
     converted = brn_cli.load_checkpoint(out, arch="test_peers:sb3_critic").model
     x = batch(torch.Generator().manual_seed(1))
     torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The position in a converted checkpoint: recorded by brn convert, shown by inspect, continued by a scheduler
+
+
+def torchrl_critic() -> nn.Sequential:
+    """Builder for `--arch test_peers:torchrl_critic`."""
+    return critic("torchrl", warmup_steps=5)
+
+
+def classifier(library: str) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 8), peer_layer(library, 8, warmup_steps=5), nn.ReLU(), nn.Linear(8, 2))
+
+
+def torchrl_classifier() -> nn.Sequential:
+    """Builder for `--arch test_peers:torchrl_classifier` (two classes, for brn finetune)."""
+    return classifier("torchrl")
+
+
+ARCHS = {"torchrl": "test_peers:torchrl_critic", "sb3": "test_peers:sb3_critic"}
+BUILDERS = {"torchrl": torchrl_critic, "sb3": sb3_critic}
+
+
+def saved_mid_warmup(tmp_path, library: str, steps: int = 3) -> tuple[nn.Sequential, object]:
+    torch.manual_seed(0)
+    model = BUILDERS[library]()
+    train(model, steps)
+    source = tmp_path / f"{library}.pt"
+    torch.save(model.state_dict(), source)
+    return model, source
+
+
+@pytest.mark.filterwarnings("ignore::brn_cli.RenormOpeningWarning")
+@pytest.mark.parametrize("library, opens_at", [("torchrl", 5), ("sb3", 6)])
+def test_convert_records_the_position_and_from_checkpoint_continues_it(run_cli, tmp_path, library, opens_at):
+    """brn convert of a critic at step 3 of its warm-up records the position; a scheduler rebuilt from the
+    checkpoint opens the limits at the step where the library's own layer (a shadow copy that keeps
+    counting) starts renormalizing: torchrl at counter W = 5, sb3-contrib at counter W + 1 = 6."""
+    model, source = saved_mid_warmup(tmp_path, library)
+    out = tmp_path / "brn.pt"
+    res = run_cli("convert", source, "-o", out, "--arch", ARCHS[library])
+    assert res.code == 0, res.err
+    assert "recorded in the checkpoint" in res.out
+    (entry,) = torch.load(out, weights_only=True)["peer_schedule"]["positions"]
+    expected = {"layers": ["1"], "start_step": 3, "warmup_steps": opens_at, "rmax": 3.0, "dmax": 5.0}
+    assert {k: entry[k] for k in expected} == expected and entry["ramp"] is False
+    assert entry["library"] == ("torchrl" if library == "torchrl" else "sb3-contrib")
+
+    res = run_cli("inspect", out, "--json", "--arch", ARCHS[library])
+    assert res.code == 0, res.err
+    (shown,) = json.loads(res.out)["peer_warmup"]
+    assert shown["description"] == f"warm-up step 3 of {opens_at}: BatchNorm, then rmax 3, dmax 5"
+    res = run_cli("inspect", out, "--arch", ARCHS[library])
+    assert f"warm-up when converted (layers 1): warm-up step 3 of {opens_at}" in " ".join(res.out.split())
+
+    ckpt = brn_cli.load_checkpoint(out, arch=ARCHS[library])
+    converted = ckpt.model.train()
+    optimizer = torch.optim.Adam(converted.parameters(), lr=1e-3)
+    scheduler = RenormScheduler.from_checkpoint(ckpt, optimizer=optimizer)
+    shadow = copy.deepcopy(model[1]).train()
+    gen, opened_at = torch.Generator().manual_seed(3), None
+    for step in range(3, 9):
+        x = batch(gen)
+        with torch.no_grad():
+            h = model[0](x)
+        shadow_opens = renormalizes(shadow, h)
+        shadow(h)  # the library's layer counts this step too
+        assert (converted[1].rmax > 1.0) == shadow_opens, step
+        if shadow_opens and opened_at is None:
+            opened_at = step
+        loss = (converted(x) - x[:, :1]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert opened_at == opens_at and scheduler.step == 9
+    assert (converted[1].rmax, converted[1].dmax) == (3.0, 5.0)
+
+
+def test_a_checkpoint_without_a_record_or_with_a_damaged_one_says_so(run_cli, tmp_path):
+    torch.manual_seed(0)
+    plain = brn_cli.save_brn_checkpoint(
+        convert_batchnorm(torchrl_critic()), tmp_path / "plain.pt", arch_spec=ARCHS["torchrl"]
+    )
+    with pytest.raises(BrnError, match="plain.pt: no torchrl / sb3-contrib warm-up position is recorded"):
+        RenormScheduler.from_checkpoint(brn_cli.load_checkpoint(plain, arch=ARCHS["torchrl"]))
+    position = {"layers": ["1"], "library": "torchrl", "start_step": -2, "warmup_steps": 5}
+    damaged = brn_cli.save_brn_checkpoint(
+        convert_batchnorm(torchrl_critic()),
+        tmp_path / "damaged.pt",
+        arch_spec=ARCHS["torchrl"],
+        peer_schedule={"positions": [{**position, "rmax": 3.0, "dmax": 5.0, "ramp": False}]},
+    )
+    res = run_cli("inspect", damaged, "--arch", ARCHS["torchrl"])
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err
+    assert "damaged.pt: damaged brn checkpoint: 'peer_schedule'" in res.err and "whole numbers" in res.err
+
+
+def test_parts_at_different_positions_are_recorded_apart_and_continued_by_part():
+    """A CrossQ actor and critic count their steps apart: the record keeps both, and a scheduler continues
+    the part it is asked for."""
+    from brn_cli.nn.peers import peer_record, recorded_peer_schedule
+    from brn_cli.storage.checkpoint import LoadedCheckpoint
+
+    model = nn.ModuleDict(
+        {"actor": critic("sb3", warmup_steps=5), "critic": critic("torchrl", warmup_steps=5)}
+    )
+    train(model["actor"], 1)
+    train(model["critic"], 4)
+    record = peer_record(model)
+    assert [(e["layers"], e["start_step"]) for e in record["positions"]] == [
+        (["actor.1"], 1),
+        (["critic.1"], 4),
+    ]
+    assert recorded_peer_schedule(record, "critic").start_step == 4
+    assert peer_record(model, ["critic.1"])["positions"][0]["layers"] == ["critic.1"]
+    convert_batchnorm(model)
+    ckpt = LoadedCheckpoint(model, Path("ac.pt"), "brn", [], peer_schedule=record)
+    with pytest.raises(
+        BrnError, match=r"ac.pt: .*different warm-up positions .*actor.1: warm-up step 1 of 6"
+    ):
+        RenormScheduler.from_checkpoint(ckpt)
+    sched = RenormScheduler.from_checkpoint(ckpt, part="critic")
+    assert sched.step == 4 and sched.values(5) == (3.0, 5.0) and sched.model is model["critic"]
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        brn_cli.PeerSchedule(start_step=3, warmup_steps=5, rmax=3.0, dmax=5.0),
+        brn_cli.PeerSchedule(start_step=4, warmup_steps=5, rmax=2.0, dmax=4.0),
+        brn_cli.PeerSchedule(start_step=7, warmup_steps=5, rmax=3.0, dmax=5.0),
+        brn_cli.PeerSchedule(start_step=4, warmup_steps=10, rmax=3.0, dmax=5.0, ramp=True),
+        brn_cli.PeerSchedule(start_step=0, warmup_steps=0, rmax=3.0, dmax=5.0),
+    ],
+)
+def test_remaining_specs_count_the_same_schedule_from_zero(position):
+    """What brn finetune is told to pass: a schedule from step 0 with the limits the position's would have."""
+    model = nn.Sequential(BatchRenorm1d(2))
+    continued = RenormScheduler.from_specs(model, **position.scheduler_kwargs())
+    rmax, dmax = position.remaining_specs()
+    restarted = RenormScheduler.from_specs(model, rmax, dmax)
+    for k in range(15):
+        assert restarted.values(k) == pytest.approx(continued.values(position.start_step + k)), k
+    assert brn_cli.PeerSchedule.from_dict(position.to_dict()) == position
+
+
+@pytest.mark.filterwarnings("ignore::brn_cli.RenormOpeningWarning")
+def test_finetune_says_once_that_it_does_not_continue_the_position_and_how_to(run_cli, tmp_path):
+    """brn finetune runs its own schedule over its own steps: on a checkpoint recording a peer warm-up it says
+    so in one note, with the flags that would continue it; given those, the limits open at the step where
+    torchrl's layer would have (its counter at W = 5: the run's third step, from step 3 of 5)."""
+    torch.manual_seed(0)
+    model = torchrl_classifier()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randn(32, 6, generator=gen))
+    source, converted = tmp_path / "critic.pt", tmp_path / "brn.pt"
+    torch.save(model.state_dict(), source)
+    x = torch.randn(64, 6, generator=gen)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=x.numpy(), y_train=(x[:, 0] > 0).long().numpy())
+    arch = ["--arch", "test_peers:torchrl_classifier"]
+    assert run_cli("convert", source, "-o", converted, *arch).code == 0
+    continuing = "--rmax-schedule 1:1,2:3 --dmax-schedule 1:0,2:5"
+
+    def finetune(checkpoint, run: str, *extra: str):
+        args = [checkpoint, "--data", data, "-o", tmp_path / run, *arch, "--steps", "3", "--batch-size", "16"]
+        res = run_cli("finetune", *args, "--log-every", "1", *extra)
+        assert res.code == 0, res.err
+        notes = [line for line in res.err.splitlines() if line.startswith("note:")]
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        phases = [r["batchnorm_phase"] for r in records if r["kind"] == "train"]
+        return notes, phases, torch.load(tmp_path / run / "last.pt", weights_only=True)
+
+    for checkpoint, run in ((converted, "own"), (source, "raw")):  # a raw torchrl model converts on the fly
+        (note,), _, last = finetune(checkpoint, run)
+        assert f"{checkpoint.name} records a torchrl warm-up position (warm-up step 3 of 5" in note
+        assert "does not continue it" in note and note.endswith(f"to continue it, {continuing}")
+        assert "peer_schedule" not in last  # this run's schedule replaced the position
+    notes, phases, _ = finetune(converted, "continued", *continuing.split())
+    assert notes == [] and phases == [1.0, 1.0, 0.0]

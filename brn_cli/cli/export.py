@@ -82,6 +82,8 @@ def _print_verification(v) -> None:
             f"  {mark} {c.provider}, ORT optimizations {c.optimization}, input {c.input_shape} ({c.inputs} inputs)"
             + (cause or f": max abs {c.max_abs:.3g}, max rel {c.max_rel:.3g}{top1}")
         )
+        if c.detections is not None:  # a detector: what the detection-by-detection comparison paired
+            out.print(f"    {c.detections.line()}", markup=False, highlight=False)
     worst: dict[str, object] = {}
     for c in v.checks:
         for o in c.outputs:

@@ -8,16 +8,19 @@ everywhere). So an option added to the config appears here, and a default lives 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
+import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from brn_cli.cli.app import ChannelsOpt, app, out
+from brn_cli.cli.app import ChannelsOpt, app, out, with_flags
 from brn_cli.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -160,7 +163,8 @@ def finetune_cmd(ctx: typer.Context, **options: Any) -> None:
     if nproc is not None and nproc > 1:
         result = launch_finetune(config, nproc, progress=not as_json)  # rank 0 shows the progress
     else:
-        result = run_finetune(config, progress=progress_if(not as_json, transient=False))
+        with _notes_in_command_terms():
+            result = run_finetune(config, progress=progress_if(not as_json, transient=False))
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
             return
     if as_json:
@@ -168,6 +172,24 @@ def finetune_cmd(ctx: typer.Context, **options: Any) -> None:
         return
     for line in _report_lines(result):
         out.print(line)
+
+
+@contextlib.contextmanager
+def _notes_in_command_terms():
+    """Show the run's notes to the user (warnings naming the library's parameters) as one stderr line each,
+    in this command's flags."""
+    from brn_cli.train.schedule import PeerWarmupNotContinued
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, PeerWarmupNotContinued):
+                return shown(message, category, filename, lineno, file, line)
+            sys.stderr.write(f"note: {with_flags(str(message), ['finetune'])}\n")
+
+        warnings.showwarning = show
+        yield
 
 
 def _summary(result) -> dict[str, Any]:

@@ -67,6 +67,15 @@ def inspect_cmd(
     out.print(f"parameters: {report.parameters:,}   sample input: {report.input_shape or 'unknown'}")
     if report.trace_error:
         out.print(Text(f"graph: {file_text(report.trace_error)}", style="yellow"))
+    for entry in report.peer_warmup:  # recorded by brn convert; names come from the file
+        layers = ", ".join(file_text(name, 60) for name in entry["layers"][:8])
+        more = f" and {len(entry['layers']) - 8} more" if len(entry["layers"]) > 8 else ""
+        out.print(
+            Text(
+                f"{file_text(entry['library'], 20)} warm-up when converted (layers {layers}{more}): "
+                f"{entry['description']}; RenormScheduler.from_checkpoint continues it"
+            )
+        )
     if not report.norms:
         out.print("no normalization layers")
         return
@@ -155,8 +164,8 @@ def convert_cmd(
     """Replace BatchNorm layers by Batch Renorm (eval outputs unchanged) and write a brn checkpoint."""
     from brn_cli.errors import VerificationError
     from brn_cli.nn.convert import convert_checked, plan_checked
+    from brn_cli.nn.peers import peer_record
     from brn_cli.storage.atomic import check_writable
-    from brn_cli.storage.checkpoint import save_brn_checkpoint
 
     if not 0.0 < momentum <= 1.0:
         raise BrnError(f"--momentum must be in (0, 1], got {momentum}")
@@ -186,6 +195,8 @@ def convert_cmd(
         "output": None,
         "max_abs_diff": None,
         "input_shape": None,
+        # read before converting: where the torchrl / sb3-contrib layers stand in their warm-up
+        "peer_schedule": peer_record(ckpt.model, [d.name for d in converting if d.peer]) or None,
     }
     if not dry_run:
         try:
@@ -201,9 +212,7 @@ def convert_cmd(
         except VerificationError as exc:
             raise VerificationError(f"{exc}; nothing written") from None
         shape = checked.input_shape
-        save_brn_checkpoint(
-            checked.model, output, force=force, input_shape=shape, command="convert", **ckpt.lineage()
-        )
+        _save_converted(checked.model, output, ckpt, shape, result["peer_schedule"], force=force)
         result.update(max_abs_diff=checked.max_abs_diff, input_shape=shape, output=str(output))
     if as_json:
         print_json(result)
@@ -211,6 +220,16 @@ def convert_cmd(
     _print_conversion(decisions, result, momentum=momentum, dry_run=dry_run)
     if not dry_run:
         print_wrote_checkpoint(output, ckpt.arch_spec)
+
+
+def _save_converted(model, output: Path, ckpt, shape, peer_schedule: dict | None, *, force: bool) -> None:
+    """Write the brn checkpoint, with the peer layers' warm-up position read before converting (a brn source's
+    own record is kept when this conversion found none)."""
+    from brn_cli.storage.checkpoint import save_brn_checkpoint
+
+    lineage = ckpt.lineage()
+    lineage["peer_schedule"] = peer_schedule or lineage["peer_schedule"]
+    save_brn_checkpoint(model, output, force=force, input_shape=shape, command="convert", **lineage)
 
 
 def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool) -> None:
@@ -238,6 +257,11 @@ def _print_conversion(decisions, result: dict, *, momentum: float, dry_run: bool
             f"{peers} of them torchrl / sb3-contrib renorm layers: their eps, momentum and step counter kept, "
             "limits at their warm-up position (docs/own-loop.md: Coming from torchrl or sb3-contrib)"
         )
+        if not dry_run:
+            out.print(
+                "their warm-up position is recorded in the checkpoint (brn inspect shows it); "
+                "RenormScheduler.from_checkpoint continues it in your own loop"
+            )
     kept_frozen = [d for d in decisions if d.frozen and d.action != "convert"]
     if kept_frozen:
         advice = (

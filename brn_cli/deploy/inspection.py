@@ -20,7 +20,7 @@ from brn_cli.nn.norms import (
     is_renorm,
     norm_channels,
 )
-from brn_cli.nn.peers import peer_label, peer_schedule, peer_statistics
+from brn_cli.nn.peers import PeerSchedule, peer_label, peer_schedule, peer_statistics
 from brn_cli.storage.checkpoint import LoadedCheckpoint
 
 
@@ -51,6 +51,9 @@ class InspectReport:
     norms: list[NormReport] = field(default_factory=list)
     trace_error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The torchrl / sb3-contrib warm-up positions a converted checkpoint records: each entry as recorded
+    # (layers, library, start_step, warmup_steps, rmax, dmax, ramp) with its description.
+    peer_warmup: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +114,13 @@ def conversion_outcomes(model: nn.Module) -> dict[str, str]:
     return outcomes
 
 
+def recorded_peer_warmup(ckpt: LoadedCheckpoint) -> list[dict[str, Any]]:
+    """The warm-up positions `ckpt` records for its converted torchrl / sb3-contrib layers (checked when it
+    was loaded), each with a ``description`` (:meth:`PeerSchedule.describe`)."""
+    entries = (ckpt.peer_schedule or {}).get("positions") or []
+    return [{**entry, "description": PeerSchedule.from_dict(entry).describe()} for entry in entries]
+
+
 def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) -> InspectReport:
     """Describe every normalization layer of a loaded checkpoint, with its fold decision and health."""
     model = ckpt.model
@@ -123,6 +133,7 @@ def inspect_model(ckpt: LoadedCheckpoint, input_shape: list[int] | None = None) 
         parameters=sum(p.numel() for p in model.parameters()),
         input_shape=list(shape) if shape else None,
         provenance=ckpt.provenance,
+        peer_warmup=recorded_peer_warmup(ckpt),
     )
     sites = {}
     try:

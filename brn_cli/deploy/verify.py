@@ -19,6 +19,9 @@ The scale is measured on the inputs given: random normal inputs drive a network 
 to activations it never sees (a calibrated DeepLabV3 gave outputs near 4500 and a relative error of 4.4e-4 on
 them, 1.8e-6 on its own data), so real examples (``examples``) give the meaningful numbers. An onnxruntime
 run-time error (a shape the graph does not accept) fails its check with the error as the cause.
+
+A torchvision detector's per-image detections are compared detection by detection, paired by label and box
+(:mod:`brn_cli.deploy.detections`), and each check reports how many it paired.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from brn_cli.deploy.detections import (
+    MASK_ATOL,
+    DetectionTally,
+    detection_groups,
+    match_image,
+    near_tie,
+    shifted_mask_difference,
+)
 from brn_cli.errors import BrnError, first_line
 from brn_cli.nn.outputs import flat_outputs
 
@@ -83,6 +94,7 @@ class VerifyCheck:
     input_shape: list[int] = field(default_factory=list)
     outputs: list[OutputCheck] = field(default_factory=list)
     error: str | None = None  # onnxruntime failed to run the input: its cause
+    detections: DetectionTally | None = None  # a detector's outputs, compared detection by detection
 
     def failure(self) -> str | None:
         """Why this check failed, in one line (None when it passed)."""
@@ -202,12 +214,15 @@ def _session(path: str | os.PathLike, provider: str, level: str, threads: int | 
     return sess
 
 
+Groups = list[dict[str, int]] | None  # per image, {key: flat output index} of a detector's detections
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, image_list: bool) -> list[np.ndarray]:
-    model_input = list(x.unbind(0)) if image_list else x
-    return [t.detach().float().cpu().numpy() for t in flat_outputs(model(model_input))]
+def _outputs(model: nn.Module, x: torch.Tensor, image_list: bool) -> tuple[list[np.ndarray], Groups]:
+    """The flat outputs of `model` on `x`, and for a detector where each image's detections are in them."""
+    out = model(list(x.unbind(0)) if image_list else x)
+    groups = detection_groups(out) if image_list else None
+    return [t.detach().float().cpu().numpy() for t in flat_outputs(out)], groups
 
 
 def _inputs(
@@ -297,13 +312,18 @@ class _Tally:
     mismatch: str | None = None
     error: str | None = None
     outputs: dict[int, OutputCheck] = field(default_factory=dict)
+    groups: Groups = None  # a detector's outputs: compared detection by detection
+    detections: DetectionTally | None = None
 
     def add(self, got: list[np.ndarray], want: list[np.ndarray], names: Sequence[str]) -> None:
         """Compare every ONNX output with the flattened PyTorch output in the same position."""
         if len(got) != len(want):
             self._fail(f"the ONNX graph returns {len(got)} output tensors, the PyTorch model {len(want)}")
             return
+        paired = self._add_detections(got, want, names) if self.groups else set()
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            if i in paired:
+                continue
             g = np.asarray(g, dtype=np.float64)
             w = w.astype(np.float64)
             if g.shape != w.shape:
@@ -325,14 +345,81 @@ class _Tally:
         finite = np.all(np.isfinite(g)) or np.array_equal(np.isfinite(g), np.isfinite(w))
         diff = np.abs(g - w)
         worst = float(np.where(np.isfinite(diff), diff, np.inf).max(initial=0.0))
-        scale = float(np.abs(w).max(initial=0.0))
-        tolerance = self.atol + self.rtol * scale
-        passed = bool(finite) and worst <= tolerance
+        self._record(index, name, list(w.shape), worst, float(np.abs(w).max(initial=0.0)), bool(finite))
+
+    def _tolerance(self, w: np.ndarray) -> float:
+        return self.atol + self.rtol * float(np.abs(w).max(initial=0.0))
+
+    def _add_detections(
+        self, got: list[np.ndarray], want: list[np.ndarray], names: Sequence[str]
+    ) -> set[int]:
+        """Compare each image's detections pair by pair (:mod:`brn_cli.deploy.detections`): boxes, scores,
+        masks, ... of the paired rows; returns the flat output indices compared."""
+        tally = self.detections = self.detections or DetectionTally()
+        for image, group in enumerate(self.groups or []):
+            g = {k: np.asarray(got[i], dtype=np.float64) for k, i in group.items()}
+            w = {k: want[i].astype(np.float64) for k, i in group.items()}
+            bad = next((k for k in group if g[k].shape[1:] != w[k].shape[1:]), None)
+            if bad is not None:
+                self._fail(
+                    f"output tensor {group[bad]} ({bad} of image {image}): ONNX shape {list(g[bad].shape)}, "
+                    f"PyTorch {list(w[bad].shape)}"
+                )
+                continue
+            match = match_image(g, w, self._tolerance(w["boxes"]))
+            tally.masks = tally.masks or "masks" in group
+            self._tally_unpaired(image, match, g, w, tally)
+            rows_w, rows_g = [i for i, _ in match.pairs], [j for _, j in match.pairs]
+            for key, index in group.items():
+                gk, wk = g[key][rows_g], w[key][rows_w]
+                worst = float(np.abs(gk - wk).max(initial=0.0))
+                atol = max(self.atol, MASK_ATOL) if key == "masks" else self.atol
+                tolerance = atol + self.rtol * float(np.abs(w[key]).max(initial=0.0))
+                if key == "masks" and worst > tolerance:  # boxes truncated to other pixels: see detections.py
+                    shifts = [shifted_mask_difference(a, b) for a, b in zip(gk, wk, strict=True)]
+                    moved = [abs(a - b).max() > tolerance for a, b in zip(gk, wk, strict=True)]
+                    tally.masks_shifted += sum(
+                        m and d <= tolerance for m, d in zip(moved, shifts, strict=True)
+                    )
+                    worst = max(shifts, default=0.0)
+                name = names[index] if index < len(names) else f"#{index}"
+                scale = float(np.abs(w[key]).max(initial=0.0))
+                finite = bool(np.all(np.isfinite(gk)))
+                self._record(index, name, list(w[key].shape), worst, scale, finite, atol=atol)
+        return {i for group in self.groups or [] for i in group.values()}
+
+    def _tally_unpaired(self, image: int, match, g: dict, w: dict, tally: DetectionTally) -> None:
+        """Count one image's pairs, and its unpaired detections: explained by a near tie, or a failure."""
+        ws, gs = w["scores"].reshape(-1), g["scores"].reshape(-1)
+        lowest = float(np.concatenate([ws, gs]).min(initial=np.inf))
+        score_tol = self._tolerance(ws)
+        lost = near_tie(ws[match.want_left], lowest, score_tol)
+        extra = near_tie(gs[match.got_left], lowest, score_tol)
+        tally.reference += len(ws)
+        tally.onnx += len(gs)
+        tally.matched += len(match.pairs)
+        tally.near_ties += sum(lost) + sum(extra)
+        unexplained = lost.count(False) + extra.count(False)
+        tally.unmatched += unexplained
+        if unexplained:
+            self.ok = False
+            self.mismatch = self.mismatch or (
+                f"image {image}: {lost.count(False)} of {len(ws)} PyTorch detections have no ONNX detection of "
+                f"the same label with a box within {self._tolerance(w['boxes']):.3g} (nearest at "
+                f"{match.nearest:.3g}), {extra.count(False)} of {len(gs)} ONNX detections none in PyTorch; "
+                "their scores are not at a near tie"
+            )
+
+    def _record(
+        self, index: int, name: str, shape: list[int], worst: float, scale: float, finite: bool, atol=None
+    ) -> None:
+        tolerance = (self.atol if atol is None else atol) + self.rtol * scale
+        passed = finite and worst <= tolerance
         self.max_abs = max(self.max_abs, worst)
         self.max_rel = max(self.max_rel, worst / max(scale, 1e-30))
         self.ok = self.ok and passed
         seen = self.outputs.get(index)
-        this = OutputCheck(name, list(w.shape), worst, scale, tolerance, passed)
+        this = OutputCheck(name, shape, worst, scale, tolerance, passed)
         if seen is None or _closeness(this) > _closeness(seen):
             self.outputs[index] = this
 
@@ -385,7 +472,8 @@ def verify_onnx(
     a list of 3-D images (a torchvision detector) and the graph one input per image, so its batch is fixed:
     only ``input_shape[0]`` is checked.
     """
-    described = examples_from or ("the examples given" if examples is not None else "random normal inputs")
+    randoms = "random images uniform in [0, 1]" if image_list else "random normal inputs"
+    described = examples_from or ("the examples given" if examples is not None else randoms)
     report = VerifyReport(atol=atol, rtol=rtol, inputs=described)
     if batches is None:
         batches = [int(input_shape[0])] if image_list else [1, max(2, int(input_shape[0]))]
@@ -397,14 +485,16 @@ def verify_onnx(
     try:
         dtype = _model_dtype(reference)
         data = {s: _inputs(s, s[0], inputs_per_batch, seed, dtype, image_list, examples) for s in shapes}
-        expected = {s: [_outputs(reference, x, image_list) for x in xs] for s, xs in data.items()}
+        results = {s: [_outputs(reference, x, image_list) for x in xs] for s, xs in data.items()}
+        expected = {s: [flat for flat, _ in rs] for s, rs in results.items()}
+        groups = next((g for rs in results.values() for _, g in rs), None)
     finally:
         reference.train(was_training)
     for provider in providers:
         for level in optimization_levels:
             sess = _session(path, provider, level)
             for shape in shapes:
-                tally = _compare(sess, data[shape], expected[shape], atol, rtol, image_list)
+                tally = _compare(sess, data[shape], expected[shape], atol, rtol, image_list, groups)
                 report.checks.append(_check_from(tally, provider, level, list(shape), len(data[shape])))
     return report
 
@@ -416,9 +506,10 @@ def _compare(
     atol: float,
     rtol: float,
     image_list: bool,
+    groups: Groups = None,
 ) -> _Tally:
     """Run every input through `sess` and compare with the PyTorch outputs; a run-time error ends the check."""
-    tally = _Tally(atol=atol, rtol=rtol, classifier=not image_list)
+    tally = _Tally(atol=atol, rtol=rtol, classifier=not image_list, groups=groups)
     names = [o.name for o in sess.get_outputs()]
     for x, want in zip(inputs, expected, strict=True):
         feed = _feed(sess, x, image_list)
@@ -447,6 +538,7 @@ def _check_from(tally: _Tally, provider: str, level: str, shape: list[int], inpu
         input_shape=shape,
         outputs=[tally.outputs[i] for i in sorted(tally.outputs)],
         error=tally.error,
+        detections=tally.detections,
     )
 
 

@@ -14,6 +14,7 @@ travels in the trainer's checkpoint through the callbacks.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, fields
 from typing import Any
 
 from brn_cli.errors import BrnError
@@ -44,38 +45,65 @@ def schedule_description(schedule: str | tuple[str, str], warmup_steps: int | No
     )
 
 
-class RenormDriver:
-    """Converts a model, drives its renorm limits from a global step and reports them.
+@dataclass(eq=False)
+class RenormCallbackBase:
+    """The constructor both trainer callbacks share, free of their frameworks: the options, checked at once
+    in the user's process, and the :class:`RenormDriver` that carries them out.
 
     `schedule`: a preset (``paper-scaled`` stretches the paper's schedule to the run's length) or a pair of
     (rmax, dmax) specs; `warmup_steps`: instead, BatchNorm for that many steps, then `rmax`, `dmax` at once.
-    `convert`: turn BatchNorm layers into Batch Renorm (``convert_options`` go to
-    :func:`~brn_cli.nn.convert.convert_batchnorm`); a model converted already is accepted as it is.
-    `stats_sync`: ``"global"`` or ``"local"`` renorm statistics when the trainer runs several processes.
+    `total_steps`: the run's length for a preset (default: the trainer's). `convert`: turn BatchNorm layers
+    into Batch Renorm (``convert_options`` go to :func:`~brn_cli.nn.convert.convert_batchnorm`); a model
+    converted already is accepted as it is. `stats_sync`: ``"global"`` or ``"local"`` renorm statistics
+    when the trainer runs several processes. `log_telemetry`: report the limits and telemetry to the
+    trainer's logs.
+
+    A dataclass, so that each option is written once and both callbacks' signature is this one.
     """
 
-    def __init__(
-        self,
-        schedule: str | tuple[str, str] = "paper-scaled",
-        *,
-        warmup_steps: int | None = None,
-        rmax: float = 3.0,
-        dmax: float = 5.0,
-        total_steps: int | None = None,
-        convert: bool = True,
-        convert_options: Mapping[str, Any] | None = None,
-        stats_sync: str = "global",
-    ) -> None:
+    schedule: str | tuple[str, str] | list[str] = "paper-scaled"
+    _: KW_ONLY
+    warmup_steps: int | None = None
+    rmax: float = 3.0
+    dmax: float = 5.0
+    total_steps: int | None = None
+    convert: bool = True
+    convert_options: Mapping[str, Any] | None = None
+    stats_sync: str = "global"
+    log_telemetry: bool = True
+
+    def __post_init__(self) -> None:
         from brn_cli.train.distributed import parse_stats_sync
 
-        schedule_description(schedule, warmup_steps)
-        self.schedule = tuple(schedule) if isinstance(schedule, (tuple, list)) else schedule
-        self.warmup_steps = warmup_steps
-        self.rmax, self.dmax = float(rmax), float(dmax)
-        self.total_steps = total_steps
-        self.convert = convert
-        self.convert_options = dict(convert_options or {})
-        self.stats_sync = parse_stats_sync(stats_sync)
+        schedule_description(self.schedule, self.warmup_steps)
+        if isinstance(self.schedule, (tuple, list)):
+            self.schedule = tuple(self.schedule)
+        self.rmax, self.dmax = float(self.rmax), float(self.dmax)
+        self.convert, self.log_telemetry = bool(self.convert), bool(self.log_telemetry)
+        self.convert_options = dict(self.convert_options or {})
+        self.stats_sync = parse_stats_sync(self.stats_sync)
+        self.driver = RenormDriver(self)
+
+    @property
+    def scheduler(self) -> Any:
+        """The :class:`~brn_cli.RenormScheduler` driving the limits (None before training starts)."""
+        return self.driver.scheduler
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, JSON-typed: ``type(self)(**arguments())`` is an equal
+        callback (what a trainer that rebuilds callbacks from its checkpoint calls)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.schedule, tuple):
+            values["schedule"] = list(self.schedule)
+        return values
+
+
+class RenormDriver:
+    """Converts a model, drives its renorm limits from a global step and reports them, as a callback's
+    `options` say (see :class:`RenormCallbackBase`)."""
+
+    def __init__(self, options: RenormCallbackBase) -> None:
+        self.options = options
         self.scheduler: Any = None
         self.model: Any = None
         self._saved: dict[str, Any] | None = None  # scheduler state loaded before the scheduler exists
@@ -90,8 +118,8 @@ class RenormDriver:
         from brn_cli.nn.convert import convert_batchnorm, plan_conversion
         from brn_cli.nn.norms import renorm_layers
 
-        if self.convert:
-            plan = plan_conversion(model, **_plan_options(self.convert_options))
+        if self.options.convert:
+            plan = plan_conversion(model, **_plan_options(self.options.convert_options))
             pending = [d.name or "(model)" for d in plan if d.action == "convert"]
             if pending and optimizer_built:
                 raise BrnError(
@@ -101,13 +129,13 @@ class RenormDriver:
                     "by passing it when the trainer is built",
                     param="model",
                 )
-            convert_batchnorm(model, **self.convert_options)
+            convert_batchnorm(model, **self.options.convert_options)
         layers = renorm_layers(model)
         if not layers:
-            what = "BatchNorm nor Batch Renorm layers" if self.convert else "Batch Renorm layers"
+            what = "BatchNorm nor Batch Renorm layers" if self.options.convert else "Batch Renorm layers"
             raise BrnError(
                 f"the model ({type(model).__name__}) has no {what} for the renorm callback to drive"
-                + ("" if self.convert else "; convert it first or pass convert=True"),
+                + ("" if self.options.convert else "; convert it first or pass convert=True"),
                 param="model",
             )
         self.model = model
@@ -128,14 +156,14 @@ class RenormDriver:
                 "for the renorm statistics sync"
             )
         ctx = DistContext(rank=rank, world_size=world_size, device=str(device), backend=dist.get_backend())
-        return configure_stats_sync(self.model, self.stats_sync, ctx).note()
+        return configure_stats_sync(self.model, self.options.stats_sync, ctx).note()
 
     def start(self, total_steps: int | None, global_step: int) -> None:
         """Build the scheduler (once) for a run of `total_steps` and move it to `global_step`."""
         if self.model is None:
             raise BrnError("the renorm callback started training before it saw the model", param="model")
         if self.scheduler is None or self.scheduler.model is not self.model:
-            self.scheduler = self._build(self.total_steps or total_steps)
+            self.scheduler = self._build(self.options.total_steps or total_steps)
         if self._saved is not None:
             self.scheduler.load_state_dict(self._saved)  # the saved schedules win on resume
             self._saved = None
@@ -185,13 +213,14 @@ class RenormDriver:
     def _build(self, total_steps: int | None) -> Any:
         from brn_cli.train.schedule import RenormScheduler
 
-        if self.warmup_steps is not None:
+        options = self.options
+        if options.warmup_steps is not None:
             return RenormScheduler.warmup(
-                self.model, warmup_steps=int(self.warmup_steps), rmax=self.rmax, dmax=self.dmax
+                self.model, warmup_steps=int(options.warmup_steps), rmax=options.rmax, dmax=options.dmax
             )
-        if isinstance(self.schedule, str):
-            return RenormScheduler.from_preset(self.model, self.schedule, total_steps=total_steps)
-        rmax_spec, dmax_spec = self.schedule
+        if isinstance(options.schedule, str):
+            return RenormScheduler.from_preset(self.model, options.schedule, total_steps=total_steps)
+        rmax_spec, dmax_spec = options.schedule
         return RenormScheduler.from_specs(self.model, rmax_spec, dmax_spec, total_steps=total_steps)
 
 

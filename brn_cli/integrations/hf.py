@@ -14,10 +14,13 @@ What it does, at each event of the Trainer:
   BatchNorm layers to Batch Renorm; a model converted already is taken as it is. A callback added later
   (``trainer.add_callback``) converts at ``on_train_begin`` instead, and refuses to once an optimizer holds
   the old parameters: pass it in ``callbacks=`` or convert first;
-* ``on_train_begin``: with several processes (``torchrun``), sets the renorm layers to brn's statistics sync;
-  builds the schedule (a preset stretched to ``state.max_steps`` unless ``total_steps`` is given, a pair of
-  specs, or the ``warmup_steps`` form), restores the schedule saved in the checkpoint when resuming, and
-  moves it to ``state.global_step``;
+* ``on_train_begin``: with several processes (``torchrun``; the Trainer has built the optimizer and wrapped
+  the converted model in DDP by then), sets the renorm layers to brn's statistics sync over the Trainer's
+  process group (``stats_sync="global"``: each layer's batch statistics over every rank's examples, as
+  SyncBatchNorm would, so 2 processes of batch B train as one of batch 2B); builds the schedule (a preset
+  stretched to ``state.max_steps`` unless ``total_steps`` is given, a pair of specs, or the
+  ``warmup_steps`` form), restores the schedule saved in the checkpoint when resuming, and moves it to
+  ``state.global_step``;
 * ``on_step_begin`` and ``on_step_end``: set rmax / dmax of ``state.global_step`` (completed optimizer
   steps);
 * ``on_log``: adds ``brn/rmax``, ``brn/dmax`` and the last step's telemetry to the training logs the
@@ -31,18 +34,21 @@ What it does, at each event of the Trainer:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from brn_cli.integrations._driver import RenormDriver
+from brn_cli.integrations._driver import RenormCallbackBase
 
 __all__ = ["BatchRenormCallback"]
 
+log = logging.getLogger(__name__)
 
-class BatchRenormCallback(TrainerCallback, ExportableState):
+
+class BatchRenormCallback(RenormCallbackBase, TrainerCallback, ExportableState):
     """Converts a transformers model to Batch Renorm and drives rmax / dmax from ``state.global_step``.
 
     `schedule`: ``"paper-scaled"`` (default: the paper's schedule stretched to the run's optimizer steps),
@@ -59,51 +65,13 @@ class BatchRenormCallback(TrainerCallback, ExportableState):
         1000
     """
 
-    def __init__(
-        self,
-        schedule: str | tuple[str, str] | list[str] = "paper-scaled",
-        *,
-        warmup_steps: int | None = None,
-        rmax: float = 3.0,
-        dmax: float = 5.0,
-        total_steps: int | None = None,
-        convert: bool = True,
-        convert_options: Mapping[str, Any] | None = None,
-        stats_sync: str = "global",
-        log_telemetry: bool = True,
-    ) -> None:
-        self._args = {
-            "schedule": list(schedule) if isinstance(schedule, (tuple, list)) else schedule,
-            "warmup_steps": warmup_steps,
-            "rmax": float(rmax),
-            "dmax": float(dmax),
-            "total_steps": total_steps,
-            "convert": bool(convert),
-            "convert_options": dict(convert_options or {}),
-            "stats_sync": stats_sync,
-            "log_telemetry": bool(log_telemetry),
-        }
-        self.driver = RenormDriver(
-            schedule,
-            warmup_steps=warmup_steps,
-            rmax=rmax,
-            dmax=dmax,
-            total_steps=total_steps,
-            convert=convert,
-            convert_options=convert_options,
-            stats_sync=stats_sync,
-        )
-        self.log_telemetry = log_telemetry
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self._training = False
-
-    @property
-    def scheduler(self) -> Any:
-        """The :class:`~brn_cli.RenormScheduler` driving the limits (None before training starts)."""
-        return self.driver.scheduler
 
     # ExportableState: what trainer_state.json carries, and what Trainer sets back on a rebuilt callback.
     def state(self) -> dict[str, Any]:
-        return {"args": dict(self._args), "attributes": {"brn_state": self.brn_state}}
+        return {"args": self.arguments(), "attributes": {"brn_state": self.brn_state}}
 
     @property
     def brn_state(self) -> dict[str, Any]:
@@ -120,8 +88,12 @@ class BatchRenormCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.driver.model is None or (model is not None and self.driver.model is not model):
             self.driver.prepare(model, optimizer_built=kwargs.get("optimizer") is not None)
+        # The Trainer has wrapped the model in DDP by now; the sync is a setting of the layers, not of the
+        # wrapper, and takes effect at the first step. Its group is the Trainer's (torchrun's default group).
         rank, world_size = _process_group_position()
-        self.driver.sync_statistics(rank, world_size, str(_device_of(model)))
+        note = self.driver.sync_statistics(rank, world_size, str(_device_of(model)))
+        if note and rank == 0:
+            log.info(note)
         saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         if isinstance(saved, Mapping):  # resuming: the checkpoint's trainer_state.json holds our state
             self.driver.load_state_dict(saved.get("attributes", {}).get("brn_state") or {})

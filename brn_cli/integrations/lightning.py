@@ -31,10 +31,9 @@ The ``lightning`` package (``lightning.pytorch``) is used when installed, else `
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
-from brn_cli.integrations._driver import RenormDriver
+from brn_cli.integrations._driver import RenormCallbackBase
 
 try:
     from lightning.pytorch import Callback
@@ -46,7 +45,7 @@ __all__ = ["BatchRenormCallback"]
 log = logging.getLogger(__name__)
 
 
-class BatchRenormCallback(Callback):
+class BatchRenormCallback(RenormCallbackBase, Callback):
     """Converts the LightningModule to Batch Renorm and drives rmax / dmax from the trainer's global step.
 
     `schedule`: ``"paper-scaled"`` (default: the paper's schedule stretched to the run's optimizer steps),
@@ -63,37 +62,6 @@ class BatchRenormCallback(Callback):
         >>> BatchRenormCallback(warmup_steps=1000).state_key
         'BatchRenormCallback'
     """
-
-    def __init__(
-        self,
-        schedule: str | tuple[str, str] = "paper-scaled",
-        *,
-        warmup_steps: int | None = None,
-        rmax: float = 3.0,
-        dmax: float = 5.0,
-        total_steps: int | None = None,
-        convert: bool = True,
-        convert_options: Mapping[str, Any] | None = None,
-        stats_sync: str = "global",
-        log_telemetry: bool = True,
-    ) -> None:
-        super().__init__()
-        self.driver = RenormDriver(
-            schedule,
-            warmup_steps=warmup_steps,
-            rmax=rmax,
-            dmax=dmax,
-            total_steps=total_steps,
-            convert=convert,
-            convert_options=convert_options,
-            stats_sync=stats_sync,
-        )
-        self.log_telemetry = log_telemetry
-
-    @property
-    def scheduler(self) -> Any:
-        """The :class:`~brn_cli.RenormScheduler` driving the limits (None before training starts)."""
-        return self.driver.scheduler
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":

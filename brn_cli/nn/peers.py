@@ -10,7 +10,9 @@ averages sigma (from the biased batch variance), they average the Bessel-correct
 docs/own-loop.md, "Coming from torchrl or sb3-contrib", for every difference.
 
 Their warm-up (plain BatchNorm for W training forwards, then rmax / dmax at once) is read as a schedule
-position (:func:`peer_schedule`) that a :class:`~brn_cli.train.schedule.RenormScheduler` continues. Neither
+position (:func:`peer_schedule`) that a :class:`~brn_cli.train.schedule.RenormScheduler` continues; a
+converted checkpoint keeps it as plain data (:func:`peer_record`, read back by :func:`recorded_peer_schedule`
+and ``RenormScheduler.from_checkpoint``). Neither
 library is imported: the layers are recognised by class (:func:`brn_cli.nn.norms.peer_renorm_class`) and
 read through their attributes.
 """
@@ -18,6 +20,7 @@ read through their attributes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +36,16 @@ __all__ = [
     "describe_peer",
     "peer_label",
     "peer_limits",
+    "peer_record",
     "peer_schedule",
     "peer_skip_reason",
     "peer_statistics",
+    "recorded_peer_schedule",
     "renorm_from_peer",
 ]
+
+# The fields of a position as a checkpoint records it (plain data: loads with weights_only=True).
+_RECORD_FIELDS = ("library", "start_step", "warmup_steps", "rmax", "dmax", "ramp")
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,65 @@ class PeerSchedule:
         """Keyword arguments of ``RenormScheduler.from_specs(model, optimizer=..., **kwargs)`` that continue
         this schedule from this position."""
         return {"rmax_spec": self.rmax_spec, "dmax_spec": self.dmax_spec, "start_step": self.start_step}
+
+    def remaining_specs(self) -> tuple[str, str]:
+        """(rmax spec, dmax spec) of a schedule counted from 0 at this position: what a new run (``brn
+        finetune``'s `rmax_schedule` / `dmax_schedule`, whose steps start at 0) needs to continue it.
+
+        Example::
+
+            >>> from brn_cli.nn.peers import PeerSchedule
+            >>> PeerSchedule(start_step=40, warmup_steps=100, rmax=3.0, dmax=5.0).remaining_specs()
+            ('59:1,60:3', '59:0,60:5')
+        """
+        w, s = self.warmup_steps, self.start_step
+        if w == 0 or s >= w:
+            return _number(self.rmax), _number(self.dmax)
+        if self.ramp:
+            r, d = self.limits()
+            return (
+                f"0:{_number(r)},{w - s}:{_number(self.rmax)}",
+                f"0:{_number(d)},{w - s}:{_number(self.dmax)}",
+            )
+        return f"{w - s - 1}:1,{w - s}:{_number(self.rmax)}", f"{w - s - 1}:0,{w - s}:{_number(self.dmax)}"
+
+    def describe(self) -> str:
+        """Where the warm-up stands, in a few words: ``"warm-up step 3 of 6: BatchNorm, then rmax 3, dmax 5"``
+        or ``"warm-up over: rmax 3, dmax 5"``."""
+        after = f"rmax {self.rmax:g}, dmax {self.dmax:g}"
+        if self.warmup_steps == 0 or self.start_step >= self.warmup_steps:
+            return f"warm-up over: {after}"
+        kind = "limits ramping" if self.ramp else "BatchNorm"
+        return f"warm-up step {self.start_step} of {self.warmup_steps}: {kind}, then {after}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The position as plain data, as a converted checkpoint records it (:func:`peer_record`)."""
+        return {
+            "library": self.library,
+            "start_step": self.start_step,
+            "warmup_steps": self.warmup_steps,
+            "rmax": float(self.rmax),
+            "dmax": float(self.dmax),
+            "ramp": self.ramp,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PeerSchedule:
+        """The position :meth:`to_dict` wrote; BrnError saying what is wrong with anything else."""
+        if not isinstance(data, dict) or not set(_RECORD_FIELDS) <= set(data):
+            missing = sorted(set(_RECORD_FIELDS) - set(data)) if isinstance(data, dict) else _RECORD_FIELDS
+            raise BrnError(f"a peer warm-up position needs {', '.join(missing)}")
+        steps = [data["start_step"], data["warmup_steps"]]
+        limits = [data["rmax"], data["dmax"]]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps):
+            raise BrnError(f"a peer warm-up position's steps must be whole numbers >= 0, got {steps}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limits):
+            raise BrnError(f"a peer warm-up position's rmax and dmax must be numbers, got {limits}")
+        if not (limits[0] >= 1.0 and limits[1] >= 0.0) or not isinstance(data["ramp"], bool):
+            raise BrnError(
+                f"a peer warm-up position needs rmax >= 1, dmax >= 0, ramp True or False, got {data}"
+            )
+        return cls(*steps, *map(float, limits), ramp=data["ramp"], library=str(data["library"]))
 
     def _spec(self, off: float, value: float) -> str:
         w = self.warmup_steps
@@ -215,14 +282,67 @@ def peer_schedule(model: nn.Module) -> PeerSchedule:
 
 
 def describe_peer(module: nn.Module) -> str:
-    """Where a peer layer's warm-up stands, in a few words: ``"warm-up step 3 of 6: BatchNorm, then rmax 3,
-    dmax 5"`` or ``"warm-up over: rmax 3, dmax 5"``."""
-    position = _position(module)
-    after = f"rmax {position.rmax:g}, dmax {position.dmax:g}"
-    if position.warmup_steps == 0 or position.start_step >= position.warmup_steps:
-        return f"warm-up over: {after}"
-    kind = "limits ramping" if position.ramp else "BatchNorm"
-    return f"warm-up step {position.start_step} of {position.warmup_steps}: {kind}, then {after}"
+    """Where a peer layer's warm-up stands, in a few words (:meth:`PeerSchedule.describe`)."""
+    return _position(module).describe()
+
+
+def peer_record(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, Any]:
+    """The warm-up positions of `model`'s torchrl / sb3-contrib layers (read before converting them) as plain
+    data for a converted checkpoint: ``{"positions": [{"layers": [names], **PeerSchedule.to_dict()}]}``, one
+    entry per position (a CrossQ actor and critic may stand apart), or ``{}`` when there are none. `layers`:
+    only these names (the ones being converted).
+
+    Example::
+
+        >>> import torch
+        >>> from torchrl.modules import BatchRenorm1d
+        >>> from brn_cli.nn.peers import peer_record
+        >>> critic = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchRenorm1d(8, warmup_steps=10))
+        >>> for _ in range(3):
+        ...     _ = critic(torch.randn(16, 4))
+        >>> peer_record(critic)
+        {'positions': [{'layers': ['1'], 'library': 'torchrl', 'start_step': 3, 'warmup_steps': 10, 'rmax': 3.0, 'dmax': 5.0, 'ramp': False}]}
+    """
+    wanted = None if layers is None else set(layers)
+    groups: dict[PeerSchedule, list[str]] = {}
+    for name, module in model.named_modules():
+        if is_peer_renorm(module) and (wanted is None or name in wanted):
+            groups.setdefault(_position(module), []).append(name)
+    if not groups:
+        return {}
+    return {"positions": [{"layers": names, **position.to_dict()} for position, names in groups.items()]}
+
+
+def _under(name: str, part: str) -> bool:
+    return not part or name == part or name.startswith(part + ".")
+
+
+def recorded_peer_schedule(record: Any, part: str | None = None) -> PeerSchedule:
+    """The position :func:`peer_record` recorded, for the layers under `part` (a module name such as
+    ``"critic"``; default: all). BrnError when there is none, the record is malformed, or the layers stand
+    at different positions (then name the part)."""
+    if not record:
+        raise BrnError(
+            "no torchrl / sb3-contrib warm-up position is recorded (it is written by converting such layers "
+            "with brn convert)"
+        )
+    entries = record.get("positions") if isinstance(record, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("layers"), list) for e in entries
+    ):
+        raise BrnError("the recorded warm-up positions should be a list of {layers, position}")
+    found = [(e["layers"], PeerSchedule.from_dict(e)) for e in entries]
+    chosen = [(names, p) for names, p in found if any(_under(str(n), part or "") for n in names)]
+    if not chosen:
+        raise BrnError(f"no recorded warm-up position for layers under {part!r}", param="part")
+    if len({p for _, p in chosen}) > 1:
+        where = "; ".join(f"{', '.join(map(str, names))}: {p.describe()}" for names, p in chosen)
+        raise BrnError(
+            f"the recorded layers stand at different warm-up positions ({where}): name the `part` of the "
+            "model (e.g. the critic) to continue",
+            param="part",
+        )
+    return chosen[0][1]
 
 
 def peer_skip_reason(module: nn.Module) -> str | None:

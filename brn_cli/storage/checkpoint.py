@@ -22,6 +22,8 @@ The brn checkpoint is a dict of tensors and primitive types only (loads with wei
      "provenance": {"source_sha256", "source_name", "brn_version", "torch_version", "created", "command"},
      "preprocessing": {"normalize": "MEAN,STD"} | absent,  # how inputs were prepared in fine-tuning
      "task": {"name": "segmentation", "ignore_index": 255} | absent,  # what finetune trained it for
+     "peer_schedule": {"positions": [{"layers", "library", "start_step", "warmup_steps", "rmax", "dmax",
+                       "ramp"}]} | absent,  # torchrl / sb3-contrib warm-up, recorded by convert
      "training": {...} | absent}               # written by finetune: optimizer, schedule, RNG, step
 """
 
@@ -83,6 +85,9 @@ class LoadedCheckpoint:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     # The task it was fine-tuned for ({"name": "segmentation", "ignore_index": 255}): plain data only.
     task: dict[str, Any] = field(default_factory=dict)
+    # Where converted torchrl / sb3-contrib layers stood in their warm-up (brn_cli.nn.peers.peer_record), for
+    # RenormScheduler.from_checkpoint to continue; checked when loaded.
+    peer_schedule: dict[str, Any] = field(default_factory=dict)
     state_key: str | None = None  # where the state_dict was nested, if it was
     sha256: str = ""
 
@@ -102,6 +107,7 @@ class LoadedCheckpoint:
             "source_name": self.path.name,
             "preprocessing": dict(self.preprocessing) or None,
             "task": dict(self.task) or None,
+            "peer_schedule": dict(self.peer_schedule) or None,
         }
 
 
@@ -774,6 +780,21 @@ def _recorded_mapping(path: Path, obj: Mapping, key: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _recorded_peer_schedule(path: Path, obj: Mapping) -> dict[str, Any]:
+    """The recorded torchrl / sb3-contrib warm-up positions, checked (every position must read back)."""
+    from brn_cli.nn.peers import recorded_peer_schedule
+
+    record = _recorded_mapping(path, obj, "peer_schedule")
+    if record:
+        entries = record.get("positions")
+        try:
+            for entry in entries if isinstance(entries, list) and entries else [None]:
+                recorded_peer_schedule({"positions": [entry]})
+        except BrnError as exc:
+            raise _damaged(path, f"'peer_schedule': {exc}") from None
+    return record
+
+
 def _load_brn(path: Path, obj: Mapping, digest: str, arch: str | None, arch_kwargs: dict) -> LoadedCheckpoint:
     """Rebuild a brn checkpoint. A recorded architecture is built only when it is a known builder (see
     :func:`check_recorded_arch`); `arch` from the command line replaces it (with the recorded kwargs when it
@@ -829,6 +850,7 @@ def _load_brn(path: Path, obj: Mapping, digest: str, arch: str | None, arch_kwar
         training=obj.get("training"),
         preprocessing=_recorded_mapping(path, obj, "preprocessing"),
         task=_recorded_mapping(path, obj, "task"),
+        peer_schedule=_recorded_peer_schedule(path, obj),
         sha256=digest,
     )
 
@@ -850,6 +872,7 @@ def make_brn_checkpoint(
     training: dict[str, Any] | None = None,
     preprocessing: dict[str, Any] | None = None,
     task: dict[str, Any] | None = None,
+    peer_schedule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The brn checkpoint dict for `model` (tensors and primitive types only)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -875,6 +898,8 @@ def make_brn_checkpoint(
         ckpt["preprocessing"] = dict(preprocessing)
     if task:
         ckpt["task"] = dict(task)
+    if peer_schedule:
+        ckpt["peer_schedule"] = copy.deepcopy(dict(peer_schedule))
     return ckpt
 
 

@@ -117,6 +117,7 @@ def load_model(config: FinetuneConfig, source: str):
     """The model from `source` with every BatchNorm converted to Batch Renorm at the configured momentum."""
     from brn_cli.nn.convert import convert_batchnorm
     from brn_cli.nn.norms import renorm_layers
+    from brn_cli.nn.peers import peer_record
     from brn_cli.storage.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(
@@ -131,6 +132,8 @@ def load_model(config: FinetuneConfig, source: str):
     model = ckpt.model
     if not renorm_layers(model):
         # A plain BatchNorm model: convert on the fly. A brn checkpoint keeps the user's choice of layers.
+        # torchrl / sb3-contrib layers convert too: their warm-up position, read first, is what the run notes.
+        ckpt.peer_schedule = peer_record(model)
         model = convert_batchnorm(model, momentum=config.momentum)
     layers = [layer for _, layer in renorm_layers(model)]
     if not layers:

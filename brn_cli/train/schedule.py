@@ -28,12 +28,15 @@ calls, so gradient accumulation, microbatches and evaluation passes do not move 
 the optimizer's first param group (``brn_renorm_step``), so a user's checkpoint of ``model.state_dict()`` and
 ``optimizer.state_dict()`` carries it without adding a key to the model's state_dict; brn's own runs also
 save :meth:`~RenormScheduler.state_dict` (step and schedules). :meth:`RenormScheduler.warmup` is the hard
-switch of CrossQ critics: BatchNorm for W steps, then rmax 3, dmax 5.
+switch of CrossQ critics: BatchNorm for W steps, then rmax 3, dmax 5, and
+:meth:`RenormScheduler.from_checkpoint` continues the torchrl / sb3-contrib warm-up that a converted
+checkpoint records.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import warnings
@@ -48,12 +51,14 @@ __all__ = [
     "PAPER_KNOTS",
     "POSITION_KEY",
     "PRESETS",
+    "PeerWarmupNotContinued",
     "RenormOpeningWarning",
     "RenormScheduler",
     "Schedule",
     "format_schedule",
     "parse_schedule",
     "parse_step",
+    "peer_warmup_note",
     "plot_schedules",
     "preset_schedules",
     "schedule_table",
@@ -261,6 +266,40 @@ def preset_schedules(
 
 class RenormOpeningWarning(UserWarning):
     """The clipping limits opened while a layer's moving averages were far from its batch statistics."""
+
+
+class PeerWarmupNotContinued(UserWarning):
+    """A run starts its own schedule on a checkpoint that records a torchrl / sb3-contrib warm-up position."""
+
+
+def peer_warmup_note(record: dict[str, Any], rmax_spec: str, dmax_spec: str, *, source: str) -> str | None:
+    """What a run with schedules `rmax_spec` / `dmax_spec` counted from step 0 should say about the peer
+    warm-up position `record` (``LoadedCheckpoint.peer_schedule``) of checkpoint `source`: that it does not
+    continue it, and the specs that would; None when there is nothing to say (no record, or the specs given
+    are those)."""
+    from brn_cli.nn.peers import recorded_peer_schedule
+
+    if not record:
+        return None
+    try:
+        position = recorded_peer_schedule(record)
+    except BrnError:  # layers standing apart: one schedule cannot continue them all
+        where = "; ".join(
+            f"layers {', '.join(map(str, e['layers']))}: step {e['start_step']} of {e['warmup_steps']}"
+            for e in record["positions"]
+        )
+        return (
+            f"{source} records torchrl / sb3-contrib warm-up positions that differ ({where}); this run drives "
+            f"every renorm layer with one schedule from step 0 (`rmax_schedule={rmax_spec}`), not theirs"
+        )
+    rmax_next, dmax_next = position.remaining_specs()
+    if (rmax_spec.strip(), dmax_spec.strip()) == (rmax_next, dmax_next):
+        return None
+    return (
+        f"{source} records a {position.library or 'peer'} warm-up position ({position.describe()}); this run "
+        f"follows its own schedule from step 0 (`rmax_schedule={rmax_spec}`) and does not continue it; "
+        f"to continue it, `rmax_schedule={rmax_next}` `dmax_schedule={dmax_next}`"
+    )
 
 
 # Where the schedule position travels: a key of the optimizer's first param group, which
@@ -539,6 +578,67 @@ class RenormScheduler:
             optimizer=optimizer,
             start_step=start_step,
         )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        *,
+        part: str | None = None,
+    ) -> RenormScheduler:
+        """Continue the torchrl / sb3-contrib warm-up that a converted checkpoint records (``brn convert``
+        keeps each converted layer's position): the limits open at the step where the library's own layer
+        would have opened them, counted in `optimizer`'s steps from there.
+
+        `checkpoint`: a :class:`~brn_cli.storage.checkpoint.LoadedCheckpoint` or a path (loaded with its
+        recorded architecture). `model`: the converted model to drive (default: the checkpoint's, or its
+        `part`). `part`: the module whose layers to continue (``"critic"``), needed when the recorded layers
+        stand at different positions (a CrossQ actor and critic). BrnError when nothing is recorded.
+
+        On the checkpoint ``brn convert`` wrote from a torchrl / sb3-contrib critic, in the training loop::
+
+            ckpt = brn_cli.load_checkpoint("critic_brn.pt", arch="mypkg.nets:critic")
+            optimizer = torch.optim.Adam(ckpt.model.parameters(), lr=3e-4)
+            scheduler = brn_cli.RenormScheduler.from_checkpoint(ckpt, optimizer=optimizer)
+
+        Example (the record made by hand, as convert makes it)::
+
+            >>> from pathlib import Path
+            >>> import torch
+            >>> from torchrl.modules import BatchRenorm1d as TorchrlRenorm
+            >>> from brn_cli import BatchRenorm1d, RenormScheduler
+            >>> from brn_cli.nn.peers import peer_record
+            >>> from brn_cli.storage.checkpoint import LoadedCheckpoint
+            >>> critic = torch.nn.Sequential(torch.nn.Linear(4, 8), TorchrlRenorm(8, warmup_steps=10))
+            >>> for _ in range(4):
+            ...     _ = critic(torch.randn(16, 4))
+            >>> record = peer_record(critic)  # step 4 of 10
+            >>> critic[1] = BatchRenorm1d(8)
+            >>> ckpt = LoadedCheckpoint(critic, Path("critic_brn.pt"), "brn", [], peer_schedule=record)
+            >>> opt = torch.optim.Adam(critic.parameters())
+            >>> sched = RenormScheduler.from_checkpoint(ckpt, optimizer=opt)
+            >>> sched.step, sched.values(9), sched.values(10)
+            (4, (1.0, 0.0), (3.0, 5.0))
+        """
+        return _from_checkpoint(cls, checkpoint, model, optimizer, part)
+
+
+def _from_checkpoint(
+    cls: type[RenormScheduler], checkpoint: Any, model: Any, optimizer: Any, part: str | None
+) -> RenormScheduler:
+    from brn_cli.nn.peers import recorded_peer_schedule
+    from brn_cli.storage.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    try:
+        position = recorded_peer_schedule(ckpt.peer_schedule, part)
+    except BrnError as exc:
+        raise BrnError(f"{ckpt.path}: {exc}", param=exc.param) from None
+    if model is None:
+        model = ckpt.model.get_submodule(part) if part else ckpt.model
+    return cls.from_specs(model, optimizer=optimizer, **position.scheduler_kwargs())
 
 
 def _user_stacklevel() -> int:

@@ -39,6 +39,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,7 +250,12 @@ class Trainer:
 
         from brn_cli.data.datasets import fit_data_to_model
         from brn_cli.train.distributed import configure_stats_sync
-        from brn_cli.train.schedule import RenormScheduler, parse_schedule
+        from brn_cli.train.schedule import (
+            PeerWarmupNotContinued,
+            RenormScheduler,
+            parse_schedule,
+            peer_warmup_note,
+        )
 
         config, runtime = self.config, self.runtime
         source = str(Path(config.resume) / LAST) if resume_state is not None else config.checkpoint
@@ -281,6 +287,11 @@ class Trainer:
             parse_schedule(dmax_spec, kind="dmax", total_steps=self.total_steps),
             optimizer=self.optimizer,
         )
+        note = peer_warmup_note(
+            self.loaded.peer_schedule, config.rmax_schedule, dmax_spec, source=Path(source).name
+        )
+        if note and runtime.is_main and resume_state is None:
+            warnings.warn(note, PeerWarmupNotContinued, stacklevel=2)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
         self.forward = runtime.wrap(torch.compile(model) if config.compile else model)
 
@@ -540,6 +551,7 @@ class Trainer:
                         config.normalize, config.image_size, config.resize_size
                     ),
                     "task": self.task.settings(),
+                    "peer_schedule": None,  # a source's peer warm-up position: this run's schedule replaced it
                 },
                 training=self.state.state_dict(eval_pending=pending),
             )
@@ -569,6 +581,9 @@ class Trainer:
                 self.task.train_metric_name,
             )
         if runtime.world_size > 1:
+            # The DDP wrapper holds the group and lives on in reference cycles until the garbage collector
+            # runs: let it go first, so leaving the group ends gloo's threads before interpreter exit.
+            self.forward = self.model
             shutdown(runtime.dist)
         if stop.signum is not None and state.step < total:
             name = signal.Signals(stop.signum).name
