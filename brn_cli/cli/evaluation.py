@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -44,9 +46,49 @@ IgnoreIndexOpt = Annotated[
     int | None,
     typer.Option("--ignore-index", help="Segmentation: the mask value of unlabelled pixels (default 255)."),
 ]
+# The options of both commands that say how the checkpoint loads and the data is prepared (the keywords of
+# _load_for_data, and the task's ignore index), with their defaults, in the order --help lists them.
+_DATA_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "device": (DeviceOpt, "auto"),
+    "val_split": (ValSplitOpt, None),
+    "normalize": (NormalizeOpt, None),
+    "image_size": (ImageSizeOpt, None),
+    "resize_size": (ResizeSizeOpt, None),
+    "channels": (ChannelsOpt, None),
+    "seed": (SeedOpt, 0),
+    "arch": (ArchOpt, None),
+    "arch_kwargs": (ArchKwargsOpt, None),
+    "trust_pickle": (TrustPickleOpt, False),
+    "key": (KeyOpt, None),
+    "task": (TaskOpt, None),
+    "ignore_index": (IgnoreIndexOpt, None),
+}
+
+
+def _with_data_options(after: str):
+    """Give a command (its own options, then ``**options``) the options of :data:`_DATA_OPTIONS` too, listed
+    after its own option `after`; typer reads the signature built here and passes them in ``options``."""
+
+    def decorate(command):
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in inspect.signature(command).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        at = [p.name for p in own].index(after) + 1
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        shared = [inspect.Parameter(n, kind, default=d, annotation=a) for n, (a, d) in _DATA_OPTIONS.items()]
+        signature = inspect.Signature(own[:at] + shared + own[at:])
+        command.__signature__ = signature
+        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        return command
+
+    return decorate
 
 
 @app.command("evaluate")
+@_with_data_options(after="sampler")
 def evaluate_cmd(
     checkpoint: CheckpointArg,
     data: DataOpt,
@@ -65,19 +107,6 @@ def evaluate_cmd(
     sampler: Annotated[
         str, typer.Option("--sampler", help="Batches for --batch-stats: iid or grouped:K (K per label).")
     ] = "iid",
-    device: DeviceOpt = "auto",
-    val_split: ValSplitOpt = None,
-    normalize: NormalizeOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize_size: ResizeSizeOpt = None,
-    channels: ChannelsOpt = None,
-    seed: SeedOpt = 0,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    key: KeyOpt = None,
-    task: TaskOpt = None,
-    ignore_index: IgnoreIndexOpt = None,
     loss: Annotated[
         str | None, typer.Option("--loss", help="package.module:callable(output, target) -> scalar tensor.")
     ] = None,
@@ -94,6 +123,7 @@ def evaluate_cmd(
         str | None, typer.Option("--recall-k", help="Embedding: the k of recall@k (default 1,5).")
     ] = None,
     as_json: JsonOpt = False,
+    **options: Any,
 ) -> None:
     """The task's loss and metrics on the validation split, inference mode (and with --batch-stats,
     minibatch statistics: the train/inference gap in the task's own metric)."""
@@ -103,23 +133,9 @@ def evaluate_cmd(
 
     sampler = parse_sampler(sampler)
     given = {"embedding_loss": embedding_loss, "margin": margin, "recall_k": recall_k}
+    task_given = {"ignore_index": options.pop("ignore_index"), **given}
     dev, ckpt, bundle, _, task_options = _load_for_data(
-        "evaluate",
-        checkpoint,
-        data,
-        device=device,
-        val_split=val_split,
-        normalize=normalize,
-        image_size=image_size,
-        resize_size=resize_size,
-        channels=channels,
-        seed=seed,
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        trust_pickle=trust_pickle,
-        key=key,
-        task=task,
-        task_given={"ignore_index": ignore_index, **given},
+        "evaluate", checkpoint, data, task_given=task_given, **options
     )
     result = evaluate_data(
         ckpt.model,
@@ -127,7 +143,7 @@ def evaluate_cmd(
         batch_size=batch_size,
         batch_stats=batch_stats,
         sampler=sampler,
-        seed=seed,
+        seed=options["seed"],
         device=dev,
         progress=progress_if(not as_json),
         task=make_task(**task_options, loss=loss, metric=metric),
@@ -236,6 +252,7 @@ def _print_evaluation(checkpoint: Path, data: str, result: dict) -> None:
 
 
 @app.command("calibrate")
+@_with_data_options(after="split")
 def calibrate_cmd(
     checkpoint: CheckpointArg,
     data: DataOpt,
@@ -243,45 +260,19 @@ def calibrate_cmd(
     batches: Annotated[int, typer.Option("--batches", help="Batches to average over (exactly).")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 64,
     split: Annotated[str, typer.Option("--split", help="train or val.")] = "train",
-    device: DeviceOpt = "auto",
-    val_split: ValSplitOpt = None,
-    normalize: NormalizeOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize_size: ResizeSizeOpt = None,
-    channels: ChannelsOpt = None,
-    seed: SeedOpt = 0,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    key: KeyOpt = None,
-    task: TaskOpt = None,
-    ignore_index: IgnoreIndexOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    **options: Any,
 ) -> None:
     """Re-estimate every norm layer's mu and sigma exactly over N batches; write a new brn checkpoint."""
     from brn_cli.evaluation.calibrate import calibrate_data
     from brn_cli.storage.atomic import check_writable
 
     check_writable(output, force=force)
+    # The task is recorded in the new checkpoint; calibration reads the inputs only, whatever the task.
+    task_given = {"ignore_index": options.pop("ignore_index")}
     dev, ckpt, bundle, preprocessing, task_options = _load_for_data(
-        "calibrate",
-        checkpoint,
-        data,
-        device=device,
-        val_split=val_split,
-        normalize=normalize,
-        image_size=image_size,
-        resize_size=resize_size,
-        channels=channels,
-        seed=seed,
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        trust_pickle=trust_pickle,
-        key=key,
-        task=task,  # recorded in the new checkpoint; calibration reads the inputs only, whatever the task
-        task_given={"ignore_index": ignore_index},
-        inputs_only=True,
+        "calibrate", checkpoint, data, task_given=task_given, inputs_only=True, **options
     )
     shifts, used = calibrate_data(
         ckpt.model,
@@ -289,7 +280,7 @@ def calibrate_cmd(
         num_batches=batches,
         batch_size=batch_size,
         split=split,
-        seed=seed,
+        seed=options["seed"],
         device=dev,
         progress=progress_if(not as_json),
     )

@@ -146,6 +146,21 @@ def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tenso
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
 
 
+def _held_out(
+    source: str, has_val: bool, labels: Tensor, val_split: float | None, seed: int
+) -> tuple[Tensor, Tensor] | None:
+    """(train, val) indices of the seeded, stratified `val_split` of a training set's `labels`; None without
+    `val_split`. A validation set of its own as well, or a split that empties a side, is one line."""
+    if val_split is None:
+        return None
+    if has_val:
+        raise BrnError(f"{source} has a validation set already; drop `val_split`")
+    tr, va = _stratified_split(labels, val_split, seed)
+    if len(tr) == 0 or len(va) == 0:
+        raise BrnError(f"`val_split` {val_split} leaves an empty train or validation set")
+    return tr, va
+
+
 def _open_npz(path: Path) -> Any:
     """np.load without pickles, every way a file can fail to be an .npz archive as one BrnError."""
     try:
@@ -174,6 +189,22 @@ def _read_npz_array(arrays: Any, name: str, path: Path) -> np.ndarray:
         raise BrnError(f"{path}: cannot read {name} ({first_line(exc, 200)})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise BrnError(f"{path}: cannot read {name} ({first_line(exc, 200)})") from None
+
+
+def _read_npz_pairs(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz of examples and targets: x_train and y_train, and x_val with y_val when there;
+    a missing one (or an x_val without its y_val) is one line naming the file."""
+    with _open_npz(path) as arrays:
+        names = set(arrays.files)
+        missing = [k for k in ("x_train", "y_train") if k not in names]
+        if missing:
+            raise BrnError(
+                f"{path} has no {' or '.join(missing)} (arrays: {', '.join(sorted(names)) or 'none'})"
+            )
+        if ("x_val" in names) != ("y_val" in names):
+            raise BrnError(f"{path}: x_val and y_val must come together")
+        keys = ("x_train", "y_train", "x_val", "y_val")
+        return {k: _read_npz_array(arrays, k, path) for k in keys if k in names}
 
 
 class DataFileError(BrnError):

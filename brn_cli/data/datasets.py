@@ -51,10 +51,9 @@ from brn_cli.data.base import (
     DataFileError,
     ImageReader,
     _check_normalize_channels,
+    _held_out,
     _normalize_tensor,
-    _open_npz,
-    _read_npz_array,
-    _stratified_split,
+    _read_npz_pairs,
     _Subset,
     _to_float_images,
 )
@@ -154,17 +153,7 @@ def _check_labels(labels: Any, what: str) -> Tensor:
 
 
 def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundle:
-    with _open_npz(path) as arrays:
-        names = set(arrays.files)
-        missing = [k for k in ("x_train", "y_train") if k not in names]
-        if missing:
-            raise BrnError(
-                f"{path} has no {' or '.join(missing)} (arrays: {', '.join(sorted(names)) or 'none'})"
-            )
-        if ("x_val" in names) != ("y_val" in names):
-            raise BrnError(f"{path}: x_val and y_val must come together")
-        keys = ("x_train", "y_train", "x_val", "y_val")
-        raw = {k: _read_npz_array(arrays, k, path) for k in keys if k in names}
+    raw = _read_npz_pairs(path)
     has_val = "x_val" in raw
     if has_val and val_split is not None:
         raise BrnError(f"{path} has x_val/y_val already; drop `val_split`")
@@ -187,10 +176,8 @@ def _load_npz(path: Path, val_split: float | None, norm, seed: int) -> DataBundl
                 f"{path}: x_val examples have shape {list(x_val.shape[1:])}, "
                 f"x_train {list(x_train.shape[1:])}"
             )
-    elif val_split is not None:
-        tr, va = _stratified_split(y_train, val_split, seed)
-        if len(tr) == 0 or len(va) == 0:
-            raise BrnError(f"`val_split` {val_split} leaves an empty train or validation set")
+    elif (split := _held_out(str(path), False, y_train, val_split, seed)) is not None:
+        tr, va = split
         x_val, y_val = x_train.index_select(0, va), y_train.index_select(0, va)
         x_train, y_train = x_train.index_select(0, tr), y_train.index_select(0, tr)
     else:
@@ -238,12 +225,9 @@ def _wrap_datasets(
     if len(y_train) != len(train):  # type: ignore[arg-type]
         raise BrnError(f"{source}: {len(train)} training examples but {len(y_train)} labels")  # type: ignore[arg-type]
     y_val = dataset_labels(val, f"{source}: validation set") if val is not None else None
-    if val is not None and val_split is not None:
-        raise BrnError(f"{source} has a validation set already; drop `val_split`")
-    if val is None and val_split is not None:
-        tr, va = _stratified_split(y_train, val_split, seed)
-        if len(tr) == 0 or len(va) == 0:
-            raise BrnError(f"`val_split` {val_split} leaves an empty train or validation set")
+    split = _held_out(source, val is not None, y_train, val_split, seed)
+    if split is not None:
+        tr, va = split
         train, val, y_train, y_val = (
             _Subset(train, tr, y_train[tr]),
             _Subset(train, va, y_train[va]),

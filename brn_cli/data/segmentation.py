@@ -37,10 +37,9 @@ from brn_cli.data.base import (
     DataFileError,
     ImageReader,
     _check_normalize_channels,
+    _held_out,
     _normalize_tensor,
-    _open_npz,
-    _read_npz_array,
-    _stratified_split,
+    _read_npz_pairs,
     _Subset,
     _to_float_images,
 )
@@ -116,12 +115,9 @@ def _bundle(
 ) -> DataBundle:
     """A DataBundle from `parts`: train and val datasets, their labels and masks' classes, a display name."""
     train, y_train, val, y_val = parts["train"], parts["train_labels"], parts["val"], parts["val_labels"]
-    if val is not None and val_split is not None:
-        raise BrnError(f"{source} has a validation set already; drop `val_split`")
-    if val is None and val_split is not None:
-        tr, va = _stratified_split(y_train, val_split, seed)
-        if len(tr) == 0 or len(va) == 0:
-            raise BrnError(f"`val_split` {val_split} leaves an empty train or validation set")
+    split = _held_out(source, val is not None, y_train, val_split, seed)
+    if split is not None:
+        tr, va = split
         train, val = _split(train, tr, y_train), _split(train, va, y_train)
         y_train, y_val = y_train[tr], y_train[va]
     num_classes = parts["classes"]
@@ -150,17 +146,7 @@ def _split(dataset: Dataset, indices: Tensor, labels: Tensor) -> Dataset:
 
 
 def _npz_parts(path: Path, norm, ignore_index: int) -> dict[str, Any]:
-    with _open_npz(path) as arrays:
-        names = set(arrays.files)
-        missing = [k for k in ("x_train", "y_train") if k not in names]
-        if missing:
-            raise BrnError(
-                f"{path} has no {' or '.join(missing)} (arrays: {', '.join(sorted(names)) or 'none'})"
-            )
-        if ("x_val" in names) != ("y_val" in names):
-            raise BrnError(f"{path}: x_val and y_val must come together")
-        keys = [k for k in ("x_train", "y_train", "x_val", "y_val") if k in names]
-        raw = {k: _read_npz_array(arrays, k, path) for k in keys}
+    raw = _read_npz_pairs(path)
     x_train, m_train = _npz_split(raw, "train", path, norm)
     parts: dict[str, Any] = {"name": path.name, "val": None, "val_labels": None}
     parts["train_labels"] = dominant_labels(m_train, ignore_index)

@@ -17,7 +17,6 @@ flow mirrors the classification demo's:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,13 +25,19 @@ from typing import Any
 
 from brn_cli.errors import BrnError
 from brn_cli.progress import Progress
-from brn_cli.storage.atomic import ensure_output_dir
+from brn_cli.recipes.demo import (
+    METHODS,
+    NORMALIZE,
+    convert_and_save,
+    finetune_each,
+    save_state_dict,
+    start,
+    write_summary,
+)
 
 __all__ = ["SegDemoConfig", "SegDemoResult", "run_seg_demo", "write_sample_data"]
 
 ARCH_SPEC = "brn_cli.samples.models:small_unet"
-NORMALIZE = "0.1314,0.3087"  # the digits' pixel mean and std, as the classification demo
-METHODS = {"batchnorm": "off", "renorm": "paper-scaled"}
 SEG_DEMO_FILES = ("digits-seg.npz", "bn_unet.pt", "brn_unet.pt", "batchnorm", "renorm", "summary.json")
 
 
@@ -118,26 +123,6 @@ def _validate(config: SegDemoConfig) -> None:
     parse_sampler(config.sampler)
 
 
-def _prepare_output(config: SegDemoConfig) -> Path:
-    import shutil
-
-    out = Path(config.output)
-    if out.exists() and not out.is_dir():
-        raise BrnError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not config.force:
-            raise BrnError(
-                f"output folder {out} is not empty; pass `force=True` to overwrite the demo's files there"
-            )
-        for name in SEG_DEMO_FILES:  # only what a previous demo wrote
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    return ensure_output_dir(out)
-
-
 def run_seg_demo(
     config: SegDemoConfig,
     *,
@@ -149,12 +134,7 @@ def run_seg_demo(
     stage = stage or (lambda _t: None)
     note = note or (lambda _t: None)
     _validate(config)
-    out = _prepare_output(config)
-    t0 = time.perf_counter()
-    from brn_cli.nn.device import resolve_device, set_threads
-
-    set_threads(1 if config.threads is None else config.threads)
-    device = resolve_device(config.device)
+    out, t0, _, device = start(config, SEG_DEMO_FILES)
     data_path = write_sample_data(out, "segmentation", force=True, compress=False)
     stage(
         f"1/4  the existing model: small UNet trained with BatchNorm on i.i.d. batches of {config.pretrain_batch_size}"
@@ -165,12 +145,13 @@ def run_seg_demo(
     stage(
         f"3/4  fine-tune {config.steps} steps at batch {config.batch_size} ({config.sampler}), batchnorm vs renorm"
     )
-    runs = _finetune_both(config, brn_path, data_path, out, device, progress, note)
+    ft = {"task": "segmentation", "eval_every": config.steps}
+    runs = finetune_each(config, brn_path, data_path, out, device, progress, note, _told, **ft)
     stage("4/4  evaluate: mean IoU in inference mode and with batch statistics")
     result = SegDemoResult(str(out), asdict(config), pre, converted)
     result.runs = _evaluate_finals(config, runs, data_path, device, note)
     result.seconds = time.perf_counter() - t0
-    _write_summary(result, out)
+    write_summary(result.to_dict(), out)
     return result
 
 
@@ -183,7 +164,6 @@ def _pretrain(
 
     from brn_cli.data.datasets import load_data
     from brn_cli.samples.models import small_unet
-    from brn_cli.storage.atomic import write_atomic
 
     data = load_data(data_path, normalize=NORMALIZE, task="segmentation")
     x, masks = data.train.x.to(device), data.train.y.to(device)
@@ -201,9 +181,7 @@ def _pretrain(
             group["lr"] = 0.05 * (1 - (step + 1) / config.pretrain_steps)
         optimizer.step()
     seconds = time.perf_counter() - t0
-    bn_path = out / "bn_unet.pt"
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_atomic(bn_path, lambda tmp: torch.save(state, tmp), force=True)
+    bn_path = save_state_dict(model, out / "bn_unet.pt")
     note(
         f"{config.pretrain_steps} steps in {seconds:.1f} s, last batch loss {float(loss.detach()):.3f} -> {bn_path}"
     )
@@ -218,63 +196,17 @@ def _convert(
     bn_path: Path, out: Path, config: SegDemoConfig, note: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]]:
     """Stage 2: BatchNorm -> Batch Renorm (eval outputs unchanged), saved as a brn checkpoint."""
-    from brn_cli.nn.convert import convert_checked
-    from brn_cli.nn.norms import renorm_layers
     from brn_cli.samples.segmentation import DIGIT_SEG_CLASSES
-    from brn_cli.storage.checkpoint import load_checkpoint, save_brn_checkpoint
+    from brn_cli.storage.checkpoint import load_checkpoint
 
     kwargs = {"num_classes": DIGIT_SEG_CLASSES, "width": config.width}
     ckpt = load_checkpoint(bn_path, arch=ARCH_SPEC, arch_kwargs=kwargs)
-    checked = convert_checked(ckpt.model, input_shape=[4, 1, 28, 28], momentum=0.01)
-    brn_path = out / "brn_unet.pt"
-    save_brn_checkpoint(
-        checked.model,
-        brn_path,
-        force=True,
-        input_shape=[2, 1, 28, 28],
-        command="demo",
-        **{**ckpt.lineage(), "preprocessing": {"normalize": NORMALIZE}},
-    )
-    layers = len(renorm_layers(checked.model))
-    note(
-        f"{layers} layers converted; eval outputs max |before - after| = {checked.max_abs_diff:.2g} -> {brn_path}"
-    )
-    return brn_path, {"layers": layers, "max_abs_diff": checked.max_abs_diff}
+    return convert_and_save(ckpt, [4, 1, 28, 28], out / "brn_unet.pt", note)
 
 
-def _finetune_both(
-    config: SegDemoConfig,
-    brn_path: Path,
-    data_path: Path,
-    out: Path,
-    device: Any,
-    progress: Progress | None,
-    note: Callable[[str], None],
-) -> dict[str, Any]:
-    """Stage 3: one run per method, the same in everything but the renorm schedule."""
-    from brn_cli.train.finetune import FinetuneConfig, run_finetune
-
-    runs: dict[str, Any] = {}
-    for method, schedule in METHODS.items():
-        ft = FinetuneConfig(
-            checkpoint=str(brn_path),
-            data=str(data_path),
-            output=str(out / method),
-            task="segmentation",
-            steps=config.steps,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            rmax_schedule=schedule,
-            sampler=config.sampler,
-            normalize=NORMALIZE,
-            seed=config.seed,
-            eval_every=config.steps,
-            device=str(device),
-            force=True,
-        )
-        runs[method] = run_finetune(ft, progress=progress)
-        note(f"{method:9s} (schedule {schedule}): {runs[method].steps} steps in {runs[method].seconds:.1f} s")
-    return runs
+def _told(method: str, schedule: str, res: Any) -> str:
+    """Stage 3's line on one finished fine-tuning run."""
+    return f"{method:9s} (schedule {schedule}): {res.steps} steps in {res.seconds:.1f} s"
 
 
 def _evaluate_finals(
@@ -314,10 +246,3 @@ def _evaluate_finals(
             f"{100 * stats['mean_iou']:.1f}% with batch statistics ({config.sampler} batches)"
         )
     return summaries
-
-
-def _write_summary(result: SegDemoResult, out: Path) -> None:
-    from brn_cli.storage.atomic import write_atomic
-
-    text = json.dumps(result.to_dict(), indent=2) + "\n"
-    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)

@@ -32,8 +32,9 @@ import datetime
 import inspect
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from brn_cli.errors import BrnError
@@ -86,6 +87,8 @@ class DistContext:
     device: str = "cpu"
     backend: str | None = None
     timeout_s: float = DEFAULT_DIST_TIMEOUT_S
+    # Weak references to the layers configure_stats_sync gave the group: shutdown takes it back from them.
+    grouped: list[weakref.ref] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -169,6 +172,12 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
     backend = "nccl" if dev.startswith("cuda") else "gloo"
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))
+    # DistributedDataParallel imports torch._dynamo; imported while a group exists, it keeps references to
+    # that group, so destroy_process_group (shutdown) no longer ends the gloo worker threads. They would then
+    # live into interpreter exit, where one still holding a finished collective's tensors needs the GIL and
+    # aborts the process ("terminate called without an active exception"). Imported first, nothing pins it.
+    import torch._dynamo  # noqa: F401
+
     if not dist.is_initialized():
         try:
             dist.init_process_group(
@@ -185,7 +194,18 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (safe to call when there is none)."""
+    """Leave the process group (safe to call when there is none).
+
+    The layers :func:`configure_stats_sync` set up let go of the group first. A model lives on in reference
+    cycles until the garbage collector runs, possibly not before the interpreter exits, and the group with
+    it: its gloo worker threads run on, and one still releasing a finished collective's tensors then needs
+    the GIL and aborts the process ("terminate called without an active exception").
+    """
+    for ref in ctx.grouped:
+        layer = ref()
+        if layer is not None:
+            layer.process_group = None
+    ctx.grouped.clear()
     if ctx.distributed:
         import torch.distributed as dist
 
@@ -306,6 +326,8 @@ def configure_stats_sync(
     for _, module in renorm:
         module.process_group = group
         module.average_stats = mode == "local"
+        if group is not None:
+            ctx.grouped.append(weakref.ref(module))
 
     synced: list[str] = []
     local: list[str] = []
@@ -316,14 +338,14 @@ def configure_stats_sync(
             if not is_torch_batch_norm(module) or isinstance(module, nn.SyncBatchNorm):
                 continue
             if mode == "global" and on_gpu and type(module) in plain_types:
-                _replace_with_sync_bn(model, name, module, group)
+                ctx.grouped.append(weakref.ref(_replace_with_sync_bn(model, name, module, group)))
                 synced.append(name)
             else:
                 local.append(name)
     return StatsSyncReport(mode=mode, renorm_layers=len(renorm), sync_batchnorm=synced, local_batchnorm=local)
 
 
-def _replace_with_sync_bn(model: nn.Module, name: str, bn: nn.Module, group) -> None:
+def _replace_with_sync_bn(model: nn.Module, name: str, bn: nn.Module, group) -> nn.Module:
     from torch import nn
 
     from brn_cli.nn.norms import set_submodule
@@ -338,6 +360,7 @@ def _replace_with_sync_bn(model: nn.Module, name: str, bn: nn.Module, group) -> 
         setattr(sync, name, getattr(bn, name))
     sync.train(bn.training)
     set_submodule(model, name, sync)
+    return sync
 
 
 @contextlib.contextmanager
