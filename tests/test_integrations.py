@@ -279,6 +279,7 @@ def run(devices, out=None):
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
     trainer.fit(module)
+    assert all(layer.process_group is None for _, layer in brn_cli.renorm_layers(module))  # given back
     if out and trainer.is_global_zero:
         torch.save(module.state_dict(), out + "/model.pt")
         with open(out + "/seen.json", "w") as f:
@@ -448,7 +449,7 @@ def test_hf_callback_converts_before_the_optimizer_and_refuses_after(tmp_path):
 
 
 HF_DDP_SCRIPT = """
-import json, os, sys
+import gc, json, os, sys
 import torch
 import transformers
 
@@ -510,6 +511,12 @@ if __name__ == "__main__":
         torch.save(model.state_dict(), sys.argv[1] + "/model.pt")
         with open(sys.argv[1] + "/logs.json", "w") as f:
             json.dump([e for e in trainer.state.log_history if "brn/rmax" in e], f)
+    # Training over, the callback gave the group back; the script ends as a torchrun script should: nothing
+    # holds the group any more when it is destroyed, so gloo's threads end before the interpreter does.
+    assert all(layer.process_group is None for _, layer in brn_cli.renorm_layers(model))
+    del trainer, model
+    gc.collect()
+    torch.distributed.destroy_process_group()
 """
 
 

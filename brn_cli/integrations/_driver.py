@@ -108,6 +108,7 @@ class RenormDriver:
         self.model: Any = None
         self._saved: dict[str, Any] | None = None  # scheduler state loaded before the scheduler exists
         self._limits_used = (1.0, 0.0)  # the limits of the step that ran last (what telemetry describes)
+        self._dist: Any = None  # the DistContext of the statistics sync, while training
 
     def prepare(self, model: Any, *, optimizer_built: bool = False) -> int:
         """Convert `model`'s BatchNorm layers (or accept it converted); returns its renorm layer count.
@@ -155,8 +156,20 @@ class RenormDriver:
                 f"the trainer runs {world_size} processes but no torch.distributed process group exists "
                 "for the renorm statistics sync"
             )
+        self.release_statistics()  # a second run re-syncs the same layers
         ctx = DistContext(rank=rank, world_size=world_size, device=str(device), backend=dist.get_backend())
-        return configure_stats_sync(self.model, self.options.stats_sync, ctx).note()
+        note = configure_stats_sync(self.model, self.options.stats_sync, ctx).note()
+        self._dist = ctx
+        return note
+
+    def release_statistics(self) -> None:
+        """At the end of training: the layers let go of the trainer's process group (see
+        :func:`~brn_cli.train.distributed.release_stats_sync`)."""
+        if self._dist is not None:
+            from brn_cli.train.distributed import release_stats_sync
+
+            release_stats_sync(self._dist)
+            self._dist = None
 
     def start(self, total_steps: int | None, global_step: int) -> None:
         """Build the scheduler (once) for a run of `total_steps` and move it to `global_step`."""

@@ -120,6 +120,7 @@ class BatchRenormCallback(RenormCallbackBase, TrainerCallback, ExportableState):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._training = False
+        self.driver.release_statistics()
 
 
 def _process_group_position() -> tuple[int, int]:

@@ -87,6 +87,9 @@ class BatchRenormCallback(RenormCallbackBase, Callback):
         # The step is done: a checkpoint saved now (every_n_train_steps, epoch end) holds the new position.
         self.driver.follow(trainer.global_step)
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.driver.release_statistics()
+
     def state_dict(self) -> dict[str, Any]:
         return self.driver.state_dict()
 

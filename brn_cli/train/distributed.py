@@ -193,19 +193,25 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
     )
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (safe to call when there is none).
+def release_stats_sync(ctx: DistContext) -> None:
+    """Take the process group back from the layers :func:`configure_stats_sync` gave it to (they train with
+    per-process statistics again).
 
-    The layers :func:`configure_stats_sync` set up let go of the group first. A model lives on in reference
-    cycles until the garbage collector runs, possibly not before the interpreter exits, and the group with
-    it: its gloo worker threads run on, and one still releasing a finished collective's tensors then needs
-    the GIL and aborts the process ("terminate called without an active exception").
+    A model lives on in reference cycles until the garbage collector runs, possibly not before the
+    interpreter exits, and a group it holds with it: its gloo worker threads run on, and one still releasing a
+    finished collective's tensors then needs the GIL and aborts the process ("terminate called without an
+    active exception"). So the group is let go as soon as training ends.
     """
     for ref in ctx.grouped:
         layer = ref()
         if layer is not None:
             layer.process_group = None
     ctx.grouped.clear()
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (safe to call when there is none), after :func:`release_stats_sync`."""
+    release_stats_sync(ctx)
     if ctx.distributed:
         import torch.distributed as dist
 
